@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs (do not edit; `make protos` regenerates them)."""
