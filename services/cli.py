@@ -1,13 +1,17 @@
 """The ``deepserve`` command line.
 
 ``deepserve build`` trains and exports models into a model repository (needs the
-``train`` extra); ``deepserve models`` lists what a repository holds.
+``train`` extra); ``deepserve models`` lists what a repository holds; ``deepserve serve``
+serves it on Ray Serve; ``deepserve score`` and ``deepserve classify`` call a server.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +89,105 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve_config.yaml"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ray
+    import yaml
+    from ray import serve
+
+    from deepserve.app import build_app
+    from deepserve.client import DeepServeClient
+
+    config = yaml.safe_load(args.config.read_text())
+    app_config = config["applications"][0]
+    app_args = dict(app_config.get("args") or {})
+    app_args["repository"] = str(args.repo.resolve())
+    if args.port is not None:
+        app_args["grpc_port"] = args.port
+    elif "DEEPSERVE_GRPC_PORT" in os.environ:
+        app_args["grpc_port"] = int(os.environ["DEEPSERVE_GRPC_PORT"])
+    if args.models:
+        app_args["models"] = args.models
+    port = int(app_args.get("grpc_port", 9000))
+    app = build_app(app_args, app_config.get("deployments"))
+
+    if args.address:
+        ray.init(address=args.address, namespace="deepserve")
+    else:  # an embedded single-node cluster, sized for a laptop or a small VM
+        ray.init(namespace="deepserve", include_dashboard=False,
+                 object_store_memory=args.object_store_mb * 1024 * 1024)
+    serve.start(proxy_location="Disabled")
+    started = time.perf_counter()
+    serve.run(app, name=app_config.get("name", "deepserve"), route_prefix=None)
+    with DeepServeClient(f"127.0.0.1:{port}") as client:
+        client.wait_ready(timeout=120)
+        models = client.list_models().models
+    print(f"DeepServe ready in {time.perf_counter() - started:.1f} s on port {port} "
+          f"(Open Inference Protocol v2 + deepserve.v1, gRPC):")
+    for m in models:
+        print(f"  {m.name:26s} v{m.version:3s} {m.kind:11s} {m.execution_provider}")
+    print("Try:  .venv/bin/deepserve classify --digit 3     (Ctrl-C stops the server)", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down")
+    if args.address:
+        serve.delete(app_config.get("name", "deepserve"))
+    else:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _target(args: argparse.Namespace) -> str:
+    return args.target or f"127.0.0.1:{os.environ.get('DEEPSERVE_GRPC_PORT', '9000')}"
+
+
+def _score(args: argparse.Namespace) -> int:
+    import csv
+
+    from deepserve.client import DeepServeClient
+
+    with open(args.csv, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [{k: float(v) for k, v in r.items() if k not in ("Class", "label", "")} for r in reader]
+    with DeepServeClient(_target(args)) as client:
+        response = client.score(rows, model=args.model, threshold=args.threshold)
+    print(f"{response.model} v{response.version}: {len(response.results)} transaction(s)")
+    for i, r in enumerate(response.results):
+        reasons = ", ".join(f"{c.name} {c.error:.2f}" for c in r.top_features)
+        verdict = "FRAUD" if r.is_fraud else "ok   "
+        print(f"  #{i:<4d} {verdict} score {r.score:9.3f} (threshold {r.threshold:.3f})  top: {reasons}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from deepserve.client import DeepServeClient
+
+    if args.digit is not None:  # an example from scikit-learn's bundled digits
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        index = int(next(i for i, t in enumerate(digits.target) if t == args.digit))
+        images, names = [digits.images[index] / 16.0], [f"sklearn digit #{index} (a {args.digit})"]
+    else:
+        images = [Path(p).read_bytes() for p in args.images]
+        names = list(args.images)
+    if not images:
+        print("deepserve classify: give PNG files or --digit N", file=sys.stderr)
+        return 2
+    with DeepServeClient(_target(args)) as client:
+        response = client.classify(images, top_k=args.top_k, model=args.model)
+    for name, result in zip(names, response.results):
+        top = ", ".join(f"{s.label} ({s.probability:.1%})" for s in result.top)
+        print(f"{name}: {top}   [{response.model} v{response.version}]")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepserve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +206,29 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the models in a repository and verify their files")
     m.add_argument("--repo", type=Path, default=default_root())
     m.set_defaults(func=_models)
+
+    s = sub.add_parser("serve", help="serve the repository on Ray Serve over gRPC (port 9000)")
+    s.add_argument("--repo", type=Path, default=default_root(), help="model repository directory")
+    s.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config YAML")
+    s.add_argument("--address", help="an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    s.add_argument("--port", type=int, help="gRPC port (default $DEEPSERVE_GRPC_PORT or the config's)")
+    s.add_argument("--models", nargs="+", help="serve only these models")
+    s.add_argument("--object-store-mb", type=int, default=256, help="embedded cluster's object store")
+    s.set_defaults(func=_serve)
+
+    for name, func, helptext in (("score", _score, "score a CSV of transactions (fraud-autoencoder)"),
+                                 ("classify", _classify, "classify PNG images (digit-classifier)")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--target", help="server address (default 127.0.0.1:$DEEPSERVE_GRPC_PORT or :9000)")
+        c.add_argument("--model", default="", help="model name (default: the API's default model)")
+        if name == "score":
+            c.add_argument("csv", type=Path, help="CSV with the model's columns (a Class column is ignored)")
+            c.add_argument("--threshold", type=float, help="override the calibrated threshold")
+        else:
+            c.add_argument("images", nargs="*", help="PNG files")
+            c.add_argument("--digit", type=int, choices=range(10), help="send a bundled example of this digit")
+            c.add_argument("--top-k", type=int, default=3)
+        c.set_defaults(func=func)
     return p
 
 

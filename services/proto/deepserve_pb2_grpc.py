@@ -175,3 +175,85 @@ class Classifier:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelsStub:
+    """---------------------------------------------------------------- models
+
+    What the server serves, and how.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListModels = channel.unary_unary(
+                '/deepserve.v1.Models/ListModels',
+                request_serializer=deepserve_dot_v1_dot_deepserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_deepserve__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+
+
+class ModelsServicer:
+    """---------------------------------------------------------------- models
+
+    What the server serves, and how.
+    """
+
+    def ListModels(self, request, context):
+        """Every served model with its version, readiness and execution provider.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=deepserve_dot_v1_dot_deepserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_deepserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'deepserve.v1.Models', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('deepserve.v1.Models', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Models:
+    """---------------------------------------------------------------- models
+
+    What the server serves, and how.
+    """
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.Models/ListModels',
+            deepserve_dot_v1_dot_deepserve__pb2.ListModelsRequest.SerializeToString,
+            deepserve_dot_v1_dot_deepserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

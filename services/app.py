@@ -1,0 +1,232 @@
+"""The Ray Serve application: the gRPC gateway, and a deployment per remotely placed model.
+
+Each model has a placement (see docs/architecture.md):
+- ``gateway``: its ONNX Runtime session lives in the ``Gateway`` replica, next to the gRPC
+  server. No hop: the fast path for small, latency-critical models (fraud scoring).
+- ``deployment``: its own Serve deployment (``ModelReplica``, named after the model),
+  reached through a Serve handle: independent replicas, autoscaling and GPU fractions,
+  for models whose compute dwarfs the ~4 ms the handle hop costs.
+
+Either way Serve owns every replica: it starts them, health-checks them, restarts them
+and scales them. Serve's own gRPC proxy is not used: clients talk to the gateway.
+Replicas load the verified ONNX file and warm the session up before they report ready;
+both placements batch concurrent requests with :class:`~deepserve.batching.BatchingBackend`.
+
+``build_app`` is the application builder that ``serve run deploy/serve_config.yaml`` and
+``deepserve serve`` both use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.schema import LoggingConfig
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from deepserve.batching import BatchingBackend, BatchingConfig
+from deepserve.dataplane import DataPlane, ServedModel
+from deepserve.errors import DeadlineExceeded, DeepServeError, ModelNotReady, Overloaded
+from deepserve.grpc_server import GrpcServer
+from deepserve.repository import ModelRepository
+from deepserve.runtime import runtime_for
+from deepserve.settings import Settings
+
+log = logging.getLogger("deepserve")
+
+# A log line per request costs more than a fraud score: access logs are off by default.
+QUIET = LoggingConfig(enable_access_log=False, log_level="WARNING")
+
+
+# ---------------------------------------------------------------------------- model replicas
+
+
+def _load_runtime(repository: str, name: str, version: str, max_rows: int):
+    model, data = ModelRepository(repository).load(name, version)  # sha256-verified bytes
+    runtime = runtime_for(model.manifest, max_rows)
+    runtime.load(data)  # session + warm-up: ready means ready
+    return runtime
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=256,
+    max_queued_requests=1024,
+    health_check_period_s=5,
+    logging_config=QUIET,
+)
+class ModelReplica:
+    """One model's ONNX Runtime session in its own deployment, behind Serve's router.
+
+    For models placed ``deployment``: heavy or GPU models that need their own scaling.
+    Concurrent calls are batched by the same :class:`BatchingBackend` the gateway uses.
+    """
+
+    def __init__(self, repository: str, name: str, version: str, max_rows: int, batching: dict[str, Any]):
+        self.runtime = _load_runtime(repository, name, version, max_rows)
+        self.backend = BatchingBackend(self.runtime, BatchingConfig.from_dict(batching))
+        self.pid = os.getpid()
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # The gateway enforces the client's deadline; this bound only stops runaway work.
+        return await self.backend.infer(inputs, timeout=300.0)
+
+    async def info(self) -> dict[str, Any]:
+        return {**await self.backend.info(), "pid": self.pid}
+
+    def check_health(self) -> None:
+        if self.runtime.session is None:
+            raise RuntimeError(f"{self.runtime.name}: no ONNX Runtime session")
+
+
+class RayBackend:
+    """Calls a model deployment through its Serve handle; maps Ray's errors to ours."""
+
+    def __init__(self, name: str, handle):
+        self.name = name
+        self.handle = handle
+
+    async def _call(self, method: str, timeout: float, *args):
+        response = getattr(self.handle, method).remote(*args)
+        try:
+            return await asyncio.wait_for(_await(response), timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise DeadlineExceeded(f"model '{self.name}' did not answer within the deadline ({timeout:.3g} s)") from None
+        except BackPressureError:
+            raise Overloaded(f"model '{self.name}' is overloaded: its request queue is full; retry with backoff") from None
+        except (RayActorError, DeploymentUnavailableError):
+            raise ModelNotReady(f"model '{self.name}': the replica went away; retry shortly") from None
+        except RayTaskError as exc:
+            if isinstance(exc.cause, DeepServeError):
+                raise exc.cause from None
+            log.error("model %s replica failed: %s", self.name, exc)
+            raise RuntimeError(f"model '{self.name}' replica failed") from None
+
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
+        return await self._call("infer", timeout, inputs)
+
+    async def info(self, timeout: float) -> dict[str, Any]:
+        return await self._call("info", timeout)
+
+
+async def _await(response):
+    return await response
+
+
+# ---------------------------------------------------------------------------- gateway
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=4, health_check_period_s=5,
+                  logging_config=QUIET)
+class Gateway:
+    """The gRPC server on ``grpc_port`` over the dataplane.
+
+    Models placed ``gateway`` run in this replica's process (no hop: the fast path for
+    small, latency-critical models); models placed ``deployment`` are reached through
+    their Serve handles.
+    """
+
+    async def __init__(self, repository: str, plan: dict[str, dict[str, Any]], handles: dict[str, Any],
+                     options: dict[str, Any]):
+        settings = Settings(**options)
+        repo = ModelRepository(repository)
+        served = []
+        for name, entry in plan.items():
+            if entry["placement"] == "gateway":
+                runtime = _load_runtime(repository, name, entry["version"], settings.max_rows_per_request)
+                backend = BatchingBackend(runtime, BatchingConfig.from_dict(entry["batching"]))
+            else:
+                runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request)
+                backend = RayBackend(name, handles[name])
+            served.append(ServedModel(runtime=runtime, backend=backend))
+        self.dataplane = DataPlane(served, settings.default_timeout_s)
+        self.poll_s = settings.readiness_poll_s
+        await self.dataplane.refresh()
+        self.server = GrpcServer(self.dataplane, settings.grpc_host, settings.grpc_port, settings.max_message_bytes)
+        await self.server.start()
+        self.poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.dataplane.refresh()
+                await self.server.publish_health()
+            except Exception:  # keep polling whatever happens
+                log.exception("readiness poll failed")
+
+    async def check_health(self) -> None:
+        if self.poller.done():
+            raise RuntimeError("the readiness poller stopped")
+
+    async def status(self) -> dict[str, Any]:
+        """Readiness and each model's replica report (batch statistics included)."""
+        return {
+            "port": self.server.port,
+            "pid": os.getpid(),
+            "ready": self.dataplane.ready(),
+            "models": {n: {"ready": m.ready, **m.replica_info} for n, m in self.dataplane.models.items()},
+        }
+
+    async def __del__(self):
+        await self.server.stop()
+
+
+# ---------------------------------------------------------------------------- application builder
+
+
+PLACEMENTS = ("gateway", "deployment")
+
+
+def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None):
+    """The Serve application: the gateway plus a deployment per model placed ``deployment``.
+
+    Args:
+        args: ``repository`` (default ``$DEEPSERVE_MODEL_REPOSITORY``); ``models``: a mapping
+            from model name to ``{placement: gateway|deployment, batching: {...}}`` (default:
+            every model in the repository, in the gateway); and any
+            :class:`~deepserve.settings.Settings` field (``grpc_port``, ...).
+        deployments: per-deployment options as in a Serve config's ``deployments`` section
+            (``name`` plus ``num_replicas``, ``autoscaling_config``, ``ray_actor_options``, ...).
+            ``serve run`` applies that section itself; ``deepserve serve`` passes it here.
+    """
+    args = dict(args or {})
+    overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
+    repository = os.path.abspath(args.pop("repository", None) or Settings().model_repository)
+    repo = ModelRepository(repository)
+    models = args.pop("models", None) or {name: {} for name in repo.model_names()}
+    if isinstance(models, list):
+        models = {name: {} for name in models}
+    if not models:
+        raise ValueError(f"no models in {repository}: run `deepserve build` first")
+    options = Settings(**args)
+
+    plan: dict[str, dict[str, Any]] = {}
+    for name, entry in models.items():
+        entry = dict(entry or {})
+        placement = entry.pop("placement", "gateway")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"model '{name}': placement must be one of {PLACEMENTS}, got '{placement}'")
+        batching = BatchingConfig.from_dict(entry.pop("batching", None))  # validate now, not in a replica
+        if entry:
+            raise ValueError(f"model '{name}': unknown option(s) {sorted(entry)}")
+        version = repo.latest_version(name)
+        repo.get(name, version).read_model_bytes()  # fail at deploy time, with the file named
+        plan[name] = {"placement": placement, "version": version, "batching": vars(batching)}
+
+    remote = [n for n, e in plan.items() if e["placement"] == "deployment"]
+    unknown = set(overrides) - set(remote) - {"Gateway"}
+    if unknown:
+        raise ValueError(f"the config names deployments {sorted(unknown)}; deployable: {['Gateway', *remote]}")
+    handles = {
+        name: ModelReplica.options(name=name, **overrides.get(name, {})).bind(
+            repository, name, plan[name]["version"], options.max_rows_per_request, plan[name]["batching"])
+        for name in remote
+    }
+    return Gateway.options(**overrides.get("Gateway", {})).bind(repository, plan, handles, args)

@@ -1,0 +1,88 @@
+"""A small Python client for DeepServe's typed ``deepserve.v1`` API.
+
+    from deepserve.client import DeepServeClient
+    with DeepServeClient("127.0.0.1:9000") as client:
+        client.wait_ready()
+        print(client.score([[0.0] * 30]).results[0].score)
+
+For the Open Inference Protocol, use any Triton/KServe client (``tritonclient.grpc``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from deepserve.proto import deepserve_pb2 as v1
+from deepserve.proto import deepserve_pb2_grpc as v1_grpc
+from deepserve.proto import inference_pb2 as oip
+from deepserve.proto import inference_pb2_grpc as oip_grpc
+
+
+class DeepServeClient:
+    def __init__(self, target: str = "127.0.0.1:9000", timeout: float = 10.0):
+        self.channel = grpc.insecure_channel(target)
+        self.timeout = timeout
+        self.fraud = v1_grpc.FraudScoringStub(self.channel)
+        self.classifier = v1_grpc.ClassifierStub(self.channel)
+        self.models = v1_grpc.ModelsStub(self.channel)
+        self.inference = oip_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def __enter__(self) -> "DeepServeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server says every model is ready.
+
+        Raises:
+            TimeoutError: not ready within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.inference.ServerReady(oip.ServerReadyRequest(), timeout=2.0).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"DeepServe not ready after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def score(
+        self,
+        transactions: Iterable[Sequence[float]] | Iterable[dict[str, float]],
+        model: str = "",
+        threshold: float | None = None,
+    ) -> v1.ScoreResponse:
+        """Score transactions given as rows in schema order, or as ``{column: value}`` dicts."""
+        items = []
+        for t in transactions:
+            items.append(v1.Transaction(named=t) if isinstance(t, dict) else v1.Transaction(features=list(t)))
+        request = v1.ScoreRequest(model=model, transactions=items)
+        if threshold is not None:
+            request.threshold = threshold
+        return self.fraud.Score(request, timeout=self.timeout)
+
+    def classify(
+        self, images: Iterable[np.ndarray | bytes], top_k: int = 3, model: str = ""
+    ) -> v1.ClassifyResponse:
+        """Classify images given as [0, 1] pixel arrays or as PNG file bytes."""
+        items = [
+            v1.Image(png=i) if isinstance(i, bytes) else v1.Image(pixels=np.asarray(i, np.float32).ravel())
+            for i in images
+        ]
+        return self.classifier.Classify(
+            v1.ClassifyRequest(model=model, images=items, top_k=top_k), timeout=self.timeout
+        )
+
+    def list_models(self) -> v1.ListModelsResponse:
+        return self.models.ListModels(v1.ListModelsRequest(), timeout=self.timeout)

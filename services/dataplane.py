@@ -1,0 +1,188 @@
+"""The dataplane: what every transport calls. It knows models, not protocols.
+
+It resolves model names and versions, validates requests against the runtime's
+signature, sends tensors to a :class:`Backend` (the Ray Serve replicas in production,
+see :mod:`deepserve.app`) under the request's deadline, and applies the kind's
+post-processing. Errors are :mod:`deepserve.errors` types; transports map them to
+status codes with the one table there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from deepserve import __version__
+from deepserve.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
+from deepserve.runtime import AnomalyResult, AnomalyRuntime, ClassifierRuntime, Runtime
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "deepserve"
+PLATFORM = "onnxruntime_onnx"
+
+
+class Backend(Protocol):
+    """Where a model's tensors are computed."""
+
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
+        """The graph's outputs; raises a DeepServeError (DeadlineExceeded, Overloaded, ...)."""
+
+    async def info(self, timeout: float) -> dict[str, Any]:
+        """A replica's report: at least ``provider`` and ``load_seconds``."""
+
+
+@dataclass
+class ServedModel:
+    runtime: Runtime  # signature and kind logic; no session on the gateway
+    backend: Backend
+    ready: bool = False
+    replica_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        return self.replica_info.get("provider", "")
+
+
+class DataPlane:
+    """Model lookup, validation, inference and the typed APIs' post-processing."""
+
+    def __init__(self, models: list[ServedModel], default_timeout_s: float = 30.0):
+        self.models = {m.runtime.name: m for m in models}
+        self.default_timeout_s = default_timeout_s
+
+    # ------------------------------------------------------------------ health
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return bool(self.models) and all(m.ready for m in self.models.values())
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The served model ``name``; ``version`` empty means whatever is served.
+
+        Raises:
+            ModelNotFound: unknown name, or a version other than the served one.
+        """
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model '{name}' is not served; served models: {sorted(self.models)}")
+        if version and version != model.runtime.version:
+            raise ModelNotFound(
+                f"model '{name}' version '{version}' is not served; served version: {model.runtime.version}"
+            )
+        return model
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return self.get(name, version).ready
+
+    async def refresh(self, timeout: float = 2.0) -> None:
+        """Ask one replica of every model for its report; a model that answers is ready."""
+
+        async def probe(model: ServedModel) -> None:
+            try:
+                model.replica_info = await model.backend.info(timeout)
+                model.ready = True
+            except Exception as exc:  # any failure means "not ready now"
+                if model.ready:
+                    log.warning("model %s is not ready: %s", model.runtime.name, exc)
+                model.ready = False
+
+        await asyncio.gather(*(probe(m) for m in self.models.values()))
+
+    # ------------------------------------------------------------------ metadata
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": []}
+
+    # ------------------------------------------------------------------ inference
+
+    def _timeout(self, remaining: float | None) -> float:
+        timeout = self.default_timeout_s if remaining is None else min(remaining, self.default_timeout_s)
+        if timeout <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was scheduled")
+        return timeout
+
+    async def _run(self, model: ServedModel, inputs: dict[str, np.ndarray], remaining: float | None):
+        if not model.ready:
+            raise ModelNotReady(f"model '{model.runtime.name}' has no ready replica yet; retry shortly")
+        model.runtime.validate(inputs)
+        return await model.backend.infer(inputs, self._timeout(remaining))
+
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        inputs: dict[str, np.ndarray],
+        parameters: dict[str, Any] | None = None,
+        requested_outputs: list[str] | None = None,
+        remaining: float | None = None,
+    ) -> tuple[ServedModel, dict[str, np.ndarray]]:
+        """Open Inference Protocol inference: tensors in, the model's tensors out."""
+        model = self.get(name, version)
+        served = {t.name for t in model.runtime.output_specs()}
+        unknown = [n for n in requested_outputs or [] if n not in served]
+        if unknown:
+            raise InvalidInput(f"model '{name}' has no output(s) {unknown}; outputs: {sorted(served)}")
+        outputs = model.runtime.postprocess(await self._run(model, inputs, remaining), parameters or {})
+        if requested_outputs:
+            outputs = {n: outputs[n] for n in requested_outputs}
+        return model, outputs
+
+    async def score(
+        self,
+        name: str,
+        version: str,
+        rows: list[list[float]] | None,
+        named: list[dict[str, float]] | None,
+        threshold: float | None,
+        remaining: float | None = None,
+    ) -> tuple[ServedModel, list[AnomalyResult]]:
+        """Fraud scoring: transactions (as rows, or by column name) -> score, decision, explanation."""
+        model = self.get(name or "fraud-autoencoder", version)
+        runtime = model.runtime
+        if not isinstance(runtime, AnomalyRuntime):
+            raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not an anomaly detector")
+        cutoff = runtime.resolve_threshold(threshold)
+        if named is not None:
+            matrix = runtime.rows_from_named(named)
+        else:
+            width = len(runtime.feature_names)
+            bad = next((i for i, r in enumerate(rows or []) if len(r) != width), None)
+            if bad is not None:
+                raise InvalidInput(
+                    f"transaction {bad}: expected {width} features ({runtime.feature_names[0]}.."
+                    f"{runtime.feature_names[-1]}), got {len(rows[bad])}"
+                )
+            matrix = np.asarray(rows, dtype=np.float32).reshape(-1, width)
+        outputs = await self._run(model, {runtime.manifest.inputs[0].name: matrix}, remaining)
+        return model, runtime.explain(outputs, cutoff)
+
+    async def classify(
+        self,
+        name: str,
+        version: str,
+        images: list[tuple[str, Any]],
+        top_k: int,
+        remaining: float | None = None,
+    ) -> tuple[ServedModel, list[list[tuple[int, float]]]]:
+        """Image classification: images as ``("pixels", array)`` or ``("png", bytes)`` -> top-k."""
+        model = self.get(name or "digit-classifier", version)
+        runtime = model.runtime
+        if not isinstance(runtime, ClassifierRuntime):
+            raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a classifier")
+        k = runtime.resolve_top_k(top_k)
+        if not images:
+            raise InvalidInput("images: empty batch; send at least one image")
+        decoded = [
+            runtime.image_from_png(i, data) if form == "png" else runtime.images_from_pixels(i, data)
+            for i, (form, data) in enumerate(images)
+        ]
+        batch = np.stack(decoded).astype(np.float32)  # (B, 1, H, W)
+        outputs = await self._run(model, {runtime.manifest.inputs[0].name: batch}, remaining)
+        return model, runtime.top_k(outputs["probabilities"], k)

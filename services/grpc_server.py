@@ -1,0 +1,263 @@
+"""The gRPC transport: thin servicers over the dataplane, health and reflection.
+
+Each servicer method converts the request, calls the :class:`~deepserve.dataplane.DataPlane`
+and converts the answer back. Errors go through :func:`deepserve.errors.to_status`, the
+one table from errors to status codes; no stack trace reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deepserve import codec
+from deepserve.dataplane import PLATFORM, DataPlane
+from deepserve.errors import InvalidInput, to_status
+from deepserve.proto import deepserve_pb2 as v1
+from deepserve.proto import deepserve_pb2_grpc as v1_grpc
+from deepserve.proto import inference_pb2 as oip
+from deepserve.proto import inference_pb2_grpc as oip_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _handled(method):
+    """Run an RPC; turn any exception into its status code (INTERNAL ones are logged)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
+            code, message = to_status(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method.__name__)
+            await context.abort(code, message)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------- Open Inference Protocol
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    @_handled
+    async def ServerLive(self, request, context):
+        return oip.ServerLiveResponse(live=self.dataplane.live())
+
+    @_handled
+    async def ServerReady(self, request, context):
+        return oip.ServerReadyResponse(ready=self.dataplane.ready())
+
+    @_handled
+    async def ModelReady(self, request, context):
+        return oip.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
+
+    @_handled
+    async def ServerMetadata(self, request, context):
+        return oip.ServerMetadataResponse(**self.dataplane.server_metadata())
+
+    @_handled
+    async def ModelMetadata(self, request, context):
+        runtime = self.dataplane.get(request.name, request.version).runtime
+        tensor = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=runtime.name,
+            versions=[runtime.version],
+            platform=PLATFORM,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in runtime.inputs.values()],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in runtime.output_specs()],
+        )
+
+    @_handled
+    async def ModelInfer(self, request, context):
+        inputs = codec.decode_request_inputs(request)
+        model, outputs = await self.dataplane.infer(
+            request.model_name,
+            request.model_version,
+            inputs,
+            parameters=codec.parameters_to_dict(request.parameters),
+            requested_outputs=[o.name for o in request.outputs],
+            remaining=context.time_remaining(),
+        )
+        response = oip.ModelInferResponse(
+            model_name=model.runtime.name, model_version=model.runtime.version, id=request.id
+        )
+        for name, array in outputs.items():
+            tensor, raw = codec.encode_output(name, np.ascontiguousarray(array))
+            response.outputs.append(tensor)
+            response.raw_output_contents.append(raw)
+        return response
+
+
+# ---------------------------------------------------------------------------- deepserve.v1
+
+
+class FraudScoringServicer(v1_grpc.FraudScoringServicer):
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    @_handled
+    async def Score(self, request, context):
+        if not request.transactions:
+            raise InvalidInput("transactions: empty batch; send at least one transaction")
+        with_rows = [bool(t.features) for t in request.transactions]
+        with_names = [bool(t.named) for t in request.transactions]
+        for i, (r, n) in enumerate(zip(with_rows, with_names)):
+            if r == n:
+                raise InvalidInput(f"transaction {i}: set exactly one of 'features' and 'named'")
+        if any(with_rows) and any(with_names):
+            raise InvalidInput("transactions: use 'features' for every transaction or 'named' for every one")
+        if with_rows[0]:
+            rows, named = [list(t.features) for t in request.transactions], None
+        else:
+            rows, named = None, [dict(t.named) for t in request.transactions]
+        model, results = await self.dataplane.score(
+            request.model, request.version, rows, named,
+            request.threshold if request.HasField("threshold") else None,
+            remaining=context.time_remaining(),
+        )
+        version = model.runtime.version
+        return v1.ScoreResponse(
+            model=model.runtime.name,
+            version=version,
+            results=[
+                v1.FraudScore(
+                    score=r.score, is_fraud=r.is_fraud, threshold=r.threshold, model_version=version,
+                    top_features=[v1.FeatureContribution(name=n, error=e) for n, e in r.top_features],
+                )
+                for r in results
+            ],
+        )
+
+
+class ClassifierServicer(v1_grpc.ClassifierServicer):
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    @_handled
+    async def Classify(self, request, context):
+        images = []
+        for i, image in enumerate(request.images):
+            if bool(image.pixels) == bool(image.png):
+                raise InvalidInput(f"image {i}: set exactly one of 'pixels' and 'png'")
+            images.append(("png", image.png) if image.png else ("pixels", np.asarray(image.pixels, np.float32)))
+        model, top = await self.dataplane.classify(
+            request.model, request.version, images, request.top_k, remaining=context.time_remaining()
+        )
+        return v1.ClassifyResponse(
+            model=model.runtime.name,
+            version=model.runtime.version,
+            results=[
+                v1.Classification(top=[v1.LabelScore(label=label, probability=p) for label, p in row])
+                for row in top
+            ],
+        )
+
+
+class ModelsServicer(v1_grpc.ModelsServicer):
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    @_handled
+    async def ListModels(self, request, context):
+        infos = []
+        for name in sorted(self.dataplane.models):
+            model = self.dataplane.models[name]
+            manifest = model.runtime.manifest
+            infos.append(v1.ModelInfo(
+                name=name, version=manifest.version, kind=manifest.kind, ready=model.ready,
+                execution_provider=model.provider, sha256=manifest.sha256,
+                load_seconds=float(model.replica_info.get("load_seconds", 0.0)),
+                metrics={k: float(v) for k, v in manifest.metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            ))
+        return v1.ListModelsResponse(models=infos)
+
+
+# ---------------------------------------------------------------------------- server
+
+
+SERVICE_NAMES = (
+    "inference.GRPCInferenceService",
+    "deepserve.v1.FraudScoring",
+    "deepserve.v1.Classifier",
+    "deepserve.v1.Models",
+)
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """One pool with every served file: inference.proto lives in a private pool of its own
+    (see scripts/gen_protos.py), the others in the default one."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file_descriptor) -> None:
+        if file_descriptor.name in added:
+            return
+        for dependency in file_descriptor.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file_descriptor.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file_descriptor.name)
+
+    for module in (oip, v1, health_pb2):
+        add(module.DESCRIPTOR)
+    return pool
+
+
+class GrpcServer:
+    """Both APIs, health (overall and per model) and reflection on one port."""
+
+    def __init__(self, dataplane: DataPlane, host: str, port: int, max_message_bytes: int):
+        self.dataplane = dataplane
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 1),  # several gateways on one node share the port
+        ])
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)
+        v1_grpc.add_FraudScoringServicer_to_server(FraudScoringServicer(dataplane), self.server)
+        v1_grpc.add_ClassifierServicer_to_server(ClassifierServicer(dataplane), self.server)
+        v1_grpc.add_ModelsServicer_to_server(ModelsServicer(dataplane), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.server,
+            pool=_reflection_pool(),
+        )
+        self.address = f"{host}:{port}"
+        bound = self.server.add_insecure_port(self.address)
+        if bound == 0:
+            raise RuntimeError(f"cannot bind gRPC port {self.address}")
+        self.port = bound
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.publish_health()
+        log.info("gRPC server listening on %s", self.address)
+
+    async def publish_health(self) -> None:
+        """Mirror the dataplane's readiness into grpc.health.v1 (overall and per model)."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name, model in self.dataplane.models.items():
+            await self.health.set(name, serving if model.ready else not_serving)
+        await self.health.set("", serving if self.dataplane.ready() else not_serving)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
