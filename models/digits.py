@@ -136,7 +136,7 @@ def accuracy(net: nn.Module, x: np.ndarray, y: np.ndarray, eps: float = 0.0) -> 
         xt = fgsm(net, xt, yt, eps)
     with torch.no_grad():
         pred = net(xt).argmax(1)
-    return float((pred == yt).float().mean())
+    return int((pred == yt).sum()) / len(yt)
 
 
 # ---------------------------------------------------------------------------- training

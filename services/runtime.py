@@ -172,11 +172,19 @@ class AnomalyRuntime(Runtime):
         return [*self.manifest.outputs, decision]
 
     def resolve_threshold(self, override: Any) -> float:
+        """The request's threshold (a number, or a numeric string for clients that send only
+        string parameters), else the calibrated one."""
         if override is None:
             return self.threshold
-        if isinstance(override, bool) or not isinstance(override, (int, float)) or not np.isfinite(override):
+        value = override
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = None
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             raise InvalidInput(f"parameter 'threshold': expected a finite number, got {override!r}")
-        return float(override)
+        return float(value)
 
     def postprocess(self, outputs, parameters):
         unknown = set(parameters) - {"threshold"}

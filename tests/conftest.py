@@ -25,3 +25,55 @@ def repository() -> ModelRepository:
             cmd += ["--only", name]
         subprocess.run(cmd, check=True, cwd=PROJECT)
     return repo
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The models as the tests serve them: both placements are exercised, and digit-classifier
+# gets a tiny queue so that overload can be provoked (RESOURCE_EXHAUSTED).
+TEST_MODELS = {
+    "fraud-autoencoder": {"placement": "gateway", "batching": {"max_batch_size": 64}},
+    "digit-classifier": {"placement": "gateway", "batching": {"max_batch_size": 4, "max_queued": 4}},
+    "digit-classifier-robust": {"placement": "deployment"},
+}
+MAX_ROWS = 1024
+
+
+@pytest.fixture(scope="session")
+def server(repository):
+    """The real service: a local Ray cluster, Serve, the gateway on a free port. Started once."""
+    import ray
+    from ray import serve
+
+    from deepserve.app import build_app
+    from deepserve.client import DeepServeClient
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024,
+             namespace="deepserve-tests", log_to_driver=False)
+    serve.start(proxy_location="Disabled")
+    app = build_app({
+        "repository": str(repository.root), "models": TEST_MODELS, "grpc_port": port,
+        "grpc_host": "127.0.0.1", "max_rows_per_request": MAX_ROWS, "readiness_poll_s": 0.5,
+    })
+    serve.run(app, name="deepserve", route_prefix=None)
+    target = f"127.0.0.1:{port}"
+    with DeepServeClient(target) as client:
+        client.wait_ready(timeout=120)
+    yield target
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from deepserve.client import DeepServeClient
+
+    with DeepServeClient(server) as c:
+        yield c

@@ -1,0 +1,210 @@
+"""Every bad request gets its status code and a message naming what was wrong; the
+service stays healthy and no replica restarts."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+
+from conftest import MAX_ROWS
+from deepserve.proto import deepserve_pb2 as v1
+from deepserve.proto import deepserve_pb2_grpc as v1_grpc
+from deepserve.proto import inference_pb2 as oip
+from deepserve.proto import inference_pb2_grpc as oip_grpc
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+def _gateway_status():
+    return serve.get_app_handle("deepserve").status.remote().result()
+
+
+@pytest.fixture(scope="module")
+def before(server):
+    """Process ids of the gateway and the deployment-placed replica before the abuse."""
+    status = _gateway_status()
+    return status["pid"], status["models"]["digit-classifier-robust"]["pid"]
+
+
+@pytest.fixture(scope="module")
+def channel(server):
+    with grpc.insecure_channel(server) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def oip_stub(channel):
+    return oip_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def fraud_stub(channel):
+    return v1_grpc.FraudScoringStub(channel)
+
+
+@pytest.fixture(scope="module")
+def classifier_stub(channel):
+    return v1_grpc.ClassifierStub(channel)
+
+
+def _request(model="fraud-autoencoder", array=None, name="transactions", datatype="FP32", raw=None,
+             version="", parameters=None, outputs=()):
+    array = np.zeros((2, 30), np.float32) if array is None else array
+    request = oip.ModelInferRequest(model_name=model, model_version=version)
+    request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+    request.raw_input_contents.append(array.tobytes() if raw is None else raw)
+    for key, value in (parameters or {}).items():
+        if isinstance(value, float):
+            request.parameters[key].double_param = value
+        else:
+            request.parameters[key].string_param = value
+    for o in outputs:
+        request.outputs.add(name=o)
+    return request
+
+
+def _fails(call, request, code, *needles):
+    with pytest.raises(grpc.RpcError) as info:
+        call(request, timeout=10)
+    error = info.value
+    assert error.code() == code, (error.code(), error.details())
+    for needle in needles:
+        assert needle in error.details(), error.details()
+    assert "Traceback" not in error.details() and 'File "' not in error.details()
+    return error.details()
+
+
+OIP_CASES = {
+    "unknown model": (dict(model="no-such-model"), NOT_FOUND, ("no-such-model",)),
+    "unknown version": (dict(version="99"), NOT_FOUND, ("version '99'",)),
+    "wrong datatype": (dict(array=np.zeros((2, 30), np.float64), datatype="FP64"), INVALID,
+                       ("'transactions'", "FP32", "FP64")),
+    "wrong shape": (dict(array=np.zeros((2, 29), np.float32)), INVALID, ("'transactions'", "[-1, 30]")),
+    "wrong input name": (dict(name="rows"), INVALID, ("missing ['transactions']", "unknown ['rows']")),
+    "byte length": (dict(raw=b"\0" * 239), INVALID, ("'transactions'", "240")),
+    "NaN": (dict(array=np.full((2, 30), np.nan, np.float32)), INVALID, ("'transactions'", "NaN")),
+    "Inf": (dict(array=np.full((1, 30), np.inf, np.float32)), INVALID, ("'transactions'", "infinite")),
+    "empty batch": (dict(array=np.zeros((0, 30), np.float32)), INVALID, ("'transactions'", "empty")),
+    "oversized batch": (dict(array=np.zeros((MAX_ROWS + 1, 30), np.float32)), INVALID,
+                        ("'transactions'", f"limit of {MAX_ROWS}")),
+    "unknown parameter": (dict(parameters={"temperature": 1.0}), INVALID, ("temperature",)),
+    "bad threshold": (dict(parameters={"threshold": "high"}), INVALID, ("threshold", "'high'")),
+    "unknown output": (dict(outputs=("verdict",)), INVALID, ("verdict",)),
+    "parameters on a classifier": (dict(model="digit-classifier", name="images",
+                                        array=np.zeros((1, 1, 8, 8), np.float32),
+                                        parameters={"threshold": 0.5}), INVALID, ("no request parameters",)),
+    "bad input to a deployment-placed model": (dict(model="digit-classifier-robust", name="images",
+                                                    array=np.zeros((1, 1, 4, 4), np.float32)), INVALID,
+                                               ("'images'", "[-1, 1, 8, 8]")),
+}
+
+
+@pytest.mark.parametrize("case", list(OIP_CASES))
+def test_open_inference_protocol_errors(before, oip_stub, case):
+    kwargs, code, needles = OIP_CASES[case]
+    _fails(oip_stub.ModelInfer, _request(**kwargs), code, *needles)
+
+
+def test_threshold_as_double_parameter_is_accepted(before, oip_stub):
+    response = oip_stub.ModelInfer(_request(parameters={"threshold": 0.0}, outputs=("is_fraud",)), timeout=10)
+    assert np.frombuffer(response.raw_output_contents[0], np.bool_).all()
+
+
+def test_typed_contents_are_accepted(before, oip_stub):
+    request = oip.ModelInferRequest(model_name="fraud-autoencoder")
+    tensor = request.inputs.add(name="transactions", datatype="FP32", shape=[1, 30])
+    tensor.contents.fp32_contents.extend([0.0] * 30)
+    response = oip_stub.ModelInfer(request, timeout=10)
+    assert [o.name for o in response.outputs] == ["score", "feature_errors", "is_fraud"]
+
+
+def _tx(**kwargs):
+    return v1.Transaction(**kwargs)
+
+
+SCORE_CASES = {
+    "no transactions": (v1.ScoreRequest(), INVALID, ("empty",)),
+    "neither form": (v1.ScoreRequest(transactions=[_tx()]), INVALID, ("transaction 0", "exactly one")),
+    "both forms": (v1.ScoreRequest(transactions=[_tx(features=[0.0] * 30, named={"Time": 0.0})]), INVALID,
+                   ("transaction 0",)),
+    "short row": (v1.ScoreRequest(transactions=[_tx(features=[0.0] * 30), _tx(features=[0.0] * 29)]), INVALID,
+                  ("transaction 1", "expected 30", "got 29")),
+    "missing column": (v1.ScoreRequest(transactions=[_tx(named={"Time": 1.0, "Amount": 2.0})]), INVALID,
+                       ("transaction 0", "missing ['V1'")),
+    "NaN feature": (v1.ScoreRequest(transactions=[_tx(features=[float("nan")] * 30)]), INVALID, ("NaN",)),
+    "NaN threshold": (v1.ScoreRequest(transactions=[_tx(features=[0.0] * 30)], threshold=float("nan")), INVALID,
+                      ("threshold",)),
+    "not an anomaly model": (v1.ScoreRequest(model="digit-classifier", transactions=[_tx(features=[0.0] * 30)]),
+                             INVALID, ("classifier model",)),
+    "unknown model": (v1.ScoreRequest(model="fraud-v9", transactions=[_tx(features=[0.0] * 30)]), NOT_FOUND,
+                      ("fraud-v9",)),
+}
+
+
+@pytest.mark.parametrize("case", list(SCORE_CASES))
+def test_score_errors(before, fraud_stub, case):
+    request, code, needles = SCORE_CASES[case]
+    _fails(fraud_stub.Score, request, code, *needles)
+
+
+CLASSIFY_CASES = {
+    "no images": (v1.ClassifyRequest(), INVALID, ("empty",)),
+    "pixel count": (v1.ClassifyRequest(images=[v1.Image(pixels=[0.0] * 63)]), INVALID,
+                    ("image 0", "expected 64", "got 63")),
+    "pixel range": (v1.ClassifyRequest(images=[v1.Image(pixels=[2.0] * 64)]), INVALID, ("image 0", "[0, 1]")),
+    "not a PNG": (v1.ClassifyRequest(images=[v1.Image(png=b"GIF89a....")]), INVALID, ("image 0", "PNG")),
+    "both forms": (v1.ClassifyRequest(images=[v1.Image(pixels=[0.0] * 64, png=b"x")]), INVALID, ("image 0",)),
+    "top_k too large": (v1.ClassifyRequest(images=[v1.Image(pixels=[0.0] * 64)], top_k=11), INVALID,
+                        ("top_k", "1..10")),
+    "unknown version": (v1.ClassifyRequest(version="7", images=[v1.Image(pixels=[0.0] * 64)]), NOT_FOUND,
+                        ("version '7'",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASSIFY_CASES))
+def test_classify_errors(before, classifier_stub, case):
+    request, code, needles = CLASSIFY_CASES[case]
+    _fails(classifier_stub.Classify, request, code, *needles)
+
+
+def test_deadline_exceeded(before, oip_stub):
+    request = _request(model="digit-classifier-robust", name="images",
+                       array=np.zeros((MAX_ROWS, 1, 8, 8), np.float32))
+    with pytest.raises(grpc.RpcError) as info:
+        oip_stub.ModelInfer(request, timeout=0.001)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_overload_is_resource_exhausted(before, oip_stub):
+    """digit-classifier is served with a 4-request queue: a burst overflows it."""
+    request = _request(model="digit-classifier", name="images", array=np.random.default_rng(0).random(
+        (MAX_ROWS, 1, 8, 8), dtype=np.float32))
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(oip_stub.ModelInfer, request, timeout=30) for _ in range(64)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    assert "overloaded" in error.details() and "retry" in error.details()
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
+
+
+def test_still_healthy_and_nothing_restarted(before, server, oip_stub):
+    with grpc.insecure_channel(server) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "fraud-autoencoder", "digit-classifier", "digit-classifier-robust"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+    status = _gateway_status()
+    assert (status["pid"], status["models"]["digit-classifier-robust"]["pid"]) == before
+    assert oip_stub.ModelInfer(_request(), timeout=10).model_name == "fraud-autoencoder"
