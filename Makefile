@@ -33,7 +33,7 @@ models: $(STAMP)
 	else echo "models present in $(REPO) (make distclean to rebuild)"; fi
 
 serve: models
-	$(BIN)/deepserve serve --repo $(REPO)
+	$(BIN)/deepserve serve --repo $(REPO) --config deploy/serve_config.yaml
 
 test: models
 	$(PY) -m pytest
