@@ -1,13 +1,19 @@
 """Dynamic batching in front of one ONNX Runtime session.
 
-Requests queue; one worker thread runs the session. While it runs, new requests
-gather, and the next run takes all of them (up to ``max_batch_size``) as one batch:
+Requests queue; a drain task runs the session over everything queued (up to
+``max_batch_size`` requests) as one batch. While one batch computes, the next gathers:
 under load, batches grow by themselves; an idle model answers a lone request at once.
 ``max_wait_s`` > 0 additionally holds a non-full batch back that long, trading latency
 for larger batches.
 
-The session runs in a thread (ONNX Runtime releases the GIL) so that the event loop
-keeps reading requests while the model computes: that is what lets a batch form.
+Where the session runs:
+- in a worker thread (ONNX Runtime releases the GIL), so the event loop keeps reading
+  requests while a slow model computes: what lets batches form behind a model that
+  takes milliseconds;
+- inline on the event loop, for models that answer in microseconds: a thread handoff
+  would cost more than the computation. Batches still form, from the requests the loop
+  read in before the drain task ran.
+``threaded: null`` (the default) times a full batch once and picks (``INLINE_BELOW_S``).
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ from deepserve.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+INLINE_BELOW_S = 0.0005  # models that run a full batch faster than this run on the event loop
+
 
 @dataclass
 class BatchingConfig:
     max_batch_size: int = 64  # requests per session run
     max_wait_s: float = 0.0  # extra wait for a fuller batch; 0 = none
-    max_queued: int = 1024  # requests waiting beyond this are refused (RESOURCE_EXHAUSTED)
+    max_queued: int = 1024  # requests queued or computing; beyond it RESOURCE_EXHAUSTED
     enabled: bool = True  # False: one request per session run (for comparisons)
+    threaded: bool | None = None  # run the session in a worker thread; None = decide by warm-up latency
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "BatchingConfig":
@@ -66,29 +75,40 @@ class BatchingBackend:
         self.config = config or BatchingConfig()
         self.stats = BatchStats()
         self._pending: list[tuple[dict[str, np.ndarray], asyncio.Future]] = []
-        self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"onnx-{runtime.name}")
+        self._draining = False
+        self._in_flight = 0  # requests queued or computing
+        threaded = self.config.threaded
+        if threaded is None:  # a full batch of one-row requests: does it outlast a thread handoff?
+            threaded = runtime.time_run(self.config.max_batch_size) >= INLINE_BELOW_S
+        self.threaded = threaded
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"onnx-{runtime.name}") if threaded else None
 
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
-        if len(self._pending) >= self.config.max_queued:
+        if self._in_flight >= self.config.max_queued:
             raise Overloaded(
-                f"model '{self.runtime.name}' is overloaded: {len(self._pending)} requests queued; retry with backoff"
+                f"model '{self.runtime.name}' is overloaded: {self._in_flight} requests in flight; "
+                "retry with backoff"
             )
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((inputs, future))
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._drain())
+        if not self._draining:
+            self._draining = True
+            loop.create_task(self._drain())
+        # A timer, not asyncio.wait_for: no extra task per request on the hot path.
+        timer = loop.call_later(timeout, self._expire, future, timeout)
+        self._in_flight += 1
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            future.cancel()  # a queued request is dropped before it runs
-            raise DeadlineExceeded(
+            return await future  # if the caller is cancelled, so is the future: the drain skips it
+        finally:
+            self._in_flight -= 1
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future, timeout: float) -> None:
+        if not future.done():  # still queued or computing: the caller gets its answer now
+            future.set_exception(DeadlineExceeded(
                 f"model '{self.runtime.name}' did not answer within the deadline ({timeout:.3g} s)"
-            ) from None
-        except asyncio.CancelledError:
-            future.cancel()  # the client went away
-            raise
+            ))
 
     async def info(self, timeout: float = 0.0) -> dict[str, Any]:
         return {
@@ -97,21 +117,25 @@ class BatchingBackend:
             "batch_runs": self.stats.runs,
             "batched_requests": self.stats.requests,
             "largest_batch": self.stats.largest,
-            "queued": len(self._pending),
+            "in_flight": self._in_flight,
+            "threaded": self.threaded,
         }
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         limit = self.config.max_batch_size if self.config.enabled else 1
-        while self._pending:
-            if self.config.max_wait_s > 0 and len(self._pending) < limit:
-                await asyncio.sleep(self.config.max_wait_s)
-            batch = [(x, f) for x, f in self._pending[:limit] if not f.done()]
-            del self._pending[:limit]
-            if not batch:
-                continue
-            for group in _by_shape(batch):
-                await self._run(loop, group)
+        try:
+            while self._pending:
+                if self.config.max_wait_s > 0 and len(self._pending) < limit:
+                    await asyncio.sleep(self.config.max_wait_s)
+                batch = [(x, f) for x, f in self._pending[:limit] if not f.done()]
+                del self._pending[:limit]
+                for group in _by_shape(batch):
+                    await self._run(loop, group)
+                if not self.threaded:
+                    await asyncio.sleep(0)  # let the loop read more requests before the next run
+        finally:
+            self._draining = False
 
     async def _run(self, loop, group) -> None:
         counts = [len(next(iter(x.values()))) for x, _ in group]
@@ -119,8 +143,11 @@ class BatchingBackend:
             name: np.concatenate([x[name] for x, _ in group]) for name in group[0][0]
         }
         try:
-            outputs = await loop.run_in_executor(self._executor, self.runtime.run, merged)
-        except Exception as exc:  # the session failed: every request in the batch learns it
+            if self._executor is None:
+                outputs = self.runtime.run(merged)
+            else:
+                outputs = await loop.run_in_executor(self._executor, self.runtime.run, merged)
+        except Exception:  # the session failed: every request in the batch learns it
             log.exception("model %s: session run failed", self.runtime.name)
             for _, future in group:
                 if not future.done():
@@ -138,7 +165,8 @@ class BatchingBackend:
                 future.set_result(part)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _by_shape(batch):

@@ -108,10 +108,13 @@ def _serve(args: argparse.Namespace) -> int:
         app_args["grpc_port"] = args.port
     elif "DEEPSERVE_GRPC_PORT" in os.environ:
         app_args["grpc_port"] = int(os.environ["DEEPSERVE_GRPC_PORT"])
-    if args.models:
-        app_args["models"] = args.models
+    deployments = app_config.get("deployments") or []
+    if args.models:  # a subset of the config's models, with their configured options
+        configured = app_args.get("models") or {}
+        app_args["models"] = {n: configured.get(n, {}) for n in args.models}
+        deployments = [d for d in deployments if d["name"] in ("Gateway", *args.models)]
     port = int(app_args.get("grpc_port", 9000))
-    app = build_app(app_args, app_config.get("deployments"))
+    app = build_app(app_args, deployments)
 
     if args.address:
         ray.init(address=args.address, namespace="deepserve")

@@ -39,7 +39,8 @@ def free_port() -> int:
 # gets a tiny queue so that overload can be provoked (RESOURCE_EXHAUSTED).
 TEST_MODELS = {
     "fraud-autoencoder": {"placement": "gateway", "batching": {"max_batch_size": 64}},
-    "digit-classifier": {"placement": "gateway", "batching": {"max_batch_size": 4, "max_queued": 4}},
+    "digit-classifier": {"placement": "gateway",
+                         "batching": {"max_batch_size": 4, "max_queued": 4, "threaded": True}},
     "digit-classifier-robust": {"placement": "deployment"},
 }
 MAX_ROWS = 1024

@@ -1,0 +1,402 @@
+"""Side-by-side benchmark: in-process ONNX Runtime, a bare grpcio server, KServe, DeepServe.
+
+Same machine, same ONNX files, same protocol (Open Inference Protocol ``ModelInfer`` over
+gRPC, raw tensors), one load generator for every server. The servers run one at a time so
+that none steals CPU from another. The load generator is closed-loop: ``concurrency``
+coroutines, spread over one or two processes, each sending pre-serialized requests back
+to back through grpc.aio with no protobuf work of its own.
+
+    make bench                      # or: python loadtests/bench/bench.py --repo model-repository
+
+Prints a table and the target ratios; writes reports/bench.json and reports/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parents[2]
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+KSERVE_PYTHON = PROJECT / ".venv-kserve" / "bin" / "python"
+
+
+# ---------------------------------------------------------------------------- load generator
+
+
+def _load_process(target: str, payload: bytes, concurrency: int, warmup: float, duration: float, out) -> None:
+    import asyncio
+
+    import grpc
+
+    async def run():
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        # Several connections, as several client instances would open: one HTTP/2
+        # connection serializes on its own I/O.
+        channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, concurrency // 8))]
+        calls = [c.unary_unary(METHOD) for c in channels]  # bytes in, bytes out: no client-side protobuf
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        start = time.perf_counter()
+        measure_from, end = start + warmup, start + warmup + duration
+
+        async def loop(i: int) -> None:
+            call = calls[i % len(calls)]
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= end:
+                    return
+                try:
+                    await call(payload, timeout=30)
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    continue
+                if t0 >= measure_from:
+                    latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(loop(i) for i in range(concurrency)))
+        for c in channels:
+            await c.close()
+        out.put((latencies, errors))
+
+    asyncio.run(run())
+
+
+@dataclass
+class Result:
+    workload: str
+    path: str
+    concurrency: int
+    rows_per_request: int
+    requests_per_s: float
+    rows_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict = field(default_factory=dict)
+
+
+def drive(target: str, payload: bytes, concurrency: int, duration: float, warmup: float = 1.5,
+          processes: int | None = None) -> tuple[np.ndarray, dict]:
+    """Closed-loop load: returns per-request latencies (s) measured after warm-up, and error counts."""
+    processes = processes or (1 if concurrency < 4 else 2)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    procs = [ctx.Process(target=_load_process, args=(target, payload, s, warmup, duration, out))
+             for s in shares if s]
+    for p in procs:
+        p.start()
+    latencies, errors = [], {}
+    for _ in procs:
+        lat, err = out.get(timeout=duration + warmup + 120)
+        latencies += lat
+        for k, v in err.items():
+            errors[k] = errors.get(k, 0) + v
+    for p in procs:
+        p.join()
+    return np.array(latencies), errors
+
+
+def summarize(workload, path, concurrency, rows, latencies, errors, duration) -> Result:
+    n = len(latencies)
+    p50, p99 = (np.percentile(latencies, [50, 99]) * 1000).tolist() if n else (float("nan"),) * 2
+    return Result(workload, path, concurrency, rows, n / duration, n * rows / duration, p50, p99, errors)
+
+
+# ---------------------------------------------------------------------------- payloads
+
+
+def fraud_rows(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 30)).astype(np.float32)
+    x[:, 0] = rng.uniform(0, 172_800, n)  # Time: seconds over two days
+    x[:, 29] = rng.lognormal(3.0, 1.0, n)  # Amount
+    return x
+
+
+def digit_images(n: int) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images[:n] / 16.0).astype(np.float32)[:, None]
+
+
+def infer_request(model: str, input_name: str, array: np.ndarray) -> bytes:
+    from deepserve.proto import inference_pb2 as oip
+
+    request = oip.ModelInferRequest(model_name=model)
+    request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    return request.SerializeToString()
+
+
+# ---------------------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(target: str, timeout: float, proc: subprocess.Popen) -> float:
+    import grpc
+
+    from deepserve.proto import inference_pb2 as oip
+    from deepserve.proto import inference_pb2_grpc as oip_grpc
+
+    started = time.perf_counter()
+    with grpc.insecure_channel(target) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        while time.perf_counter() - started < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
+            try:
+                if stub.ServerReady(oip.ServerReadyRequest(), timeout=1).ready:
+                    return time.perf_counter() - started
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{target} not ready after {timeout:.0f} s")
+
+
+def tree_pss_mb(root_pid: int) -> float:
+    """Proportional set size of a process and all its descendants (shared pages split fairly)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total_kb, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+class Server:
+    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None):
+        self.name, self.argv, self.port = name, argv, port
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.ready_s = 0.0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Server":
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{self.name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(self.argv, cwd=PROJECT, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.ready_s = wait_ready(self.target, 180, self.proc)
+        except Exception:
+            self.__exit__()
+            self.log.seek(0)
+            sys.stderr.write(self.log.read()[-3000:])
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def deepserve_config(tmp: Path, batching_enabled: bool) -> Path:
+    import yaml
+
+    config = yaml.safe_load((PROJECT / "deploy" / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    models = app["args"]["models"]
+    models["digit-classifier"]["batching"]["enabled"] = batching_enabled
+    path = tmp / f"serve_config_batching_{batching_enabled}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ---------------------------------------------------------------------------- in-process limit
+
+
+def in_process(path: Path, input_name: str, array: np.ndarray, seconds: float) -> tuple[float, float]:
+    """Calls/s and median latency (ms) of session.run in this process: the ceiling."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {input_name: array}
+    for _ in range(200):
+        session.run(None, feeds)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return len(times) / sum(times), float(np.median(times) * 1000)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repo", type=Path, default=PROJECT / "model-repository")
+    p.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell")
+    p.add_argument("--out", type=Path, default=PROJECT / "reports" / "bench")
+    p.add_argument("--skip", nargs="*", default=[], choices=["bare", "kserve", "deepserve"])
+    args = p.parse_args(argv)
+
+    from deepserve.repository import ModelRepository
+
+    repo = ModelRepository(args.repo)
+    fraud_path = repo.get("fraud-autoencoder").model_path
+    digits_path = repo.get("digit-classifier").model_path
+    d = args.duration
+    one, many = fraud_rows(1), fraud_rows(256)
+    image = digit_images(1)
+    payload = {
+        "fraud-1": infer_request("fraud-autoencoder", "transactions", one),
+        "fraud-256": infer_request("fraud-autoencoder", "transactions", many),
+        "digit-1": infer_request("digit-classifier", "images", image),
+    }
+    results: list[Result] = []
+    extra: dict = {}
+
+    def cell(workload, path, target, concurrency, rows):
+        lat, err = drive(target, payload[workload], concurrency, d)
+        r = summarize(workload, path, concurrency, rows, lat, err, d)
+        results.append(r)
+        print(f"  {workload:10s} {path:22s} c={concurrency:<3d} {r.requests_per_s:9.0f} req/s "
+              f"{r.rows_per_s:11.0f} rows/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {err or ''}",
+              flush=True)
+
+    print("in-process ONNX Runtime (the limit)")
+    for workload, array in (("fraud-1", one), ("fraud-256", many)):
+        calls, p50 = in_process(fraud_path, "transactions", array, min(d, 3))
+        rows = len(array)
+        results.append(Result(workload, "in-process ORT", 1, rows, calls, calls * rows, p50, float("nan")))
+        print(f"  {workload:10s} {calls:9.0f} calls/s {calls * rows:11.0f} rows/s  p50 {p50 * 1000:7.1f} µs")
+
+    fraud_cells = [("fraud-1", c, 1) for c in (1, 8, 32)] + [("fraud-256", 8, 256)]
+    py = sys.executable
+    if "bare" not in args.skip:
+        print("bare grpcio + ONNX Runtime (no framework)")
+        for name, path in (("fraud-autoencoder", fraud_path), ("digit-classifier", digits_path)):
+            port = free_port()
+            with Server("bare", [py, "loadtests/bench/bare_server.py", str(path), name, str(port)], port) as s:
+                for workload, c, rows in (fraud_cells if name == "fraud-autoencoder" else [("digit-1", 64, 1)]):
+                    cell(workload, "bare grpcio", s.target, c, rows)
+    if "kserve" not in args.skip and KSERVE_PYTHON.exists():
+        print("KServe ModelServer (the peer)")
+        port = free_port()
+        with Server("kserve", [str(KSERVE_PYTHON), "loadtests/bench/kserve_server.py", str(fraud_path),
+                               "fraud-autoencoder", str(port)], port) as s:
+            for workload, c, rows in fraud_cells:
+                cell(workload, "KServe 0.21", s.target, c, rows)
+    elif "kserve" not in args.skip:
+        print(f"KServe: skipped ({KSERVE_PYTHON} missing; `make bench` installs it)")
+    if "deepserve" not in args.skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            for batching in (True, False):
+                label = "DeepServe" if batching else "DeepServe, no batching"
+                print(label)
+                port = free_port()
+                cmd = [py, "-m", "deepserve.cli", "serve", "--repo", str(args.repo), "--port", str(port),
+                       "--config", str(deepserve_config(Path(tmp), batching)),
+                       "--models", "fraud-autoencoder", "digit-classifier"]
+                with Server("deepserve", cmd, port) as s:
+                    if batching:
+                        extra["cold_start_to_ready_s"] = s.ready_s
+                        for workload, c, rows in fraud_cells:
+                            cell(workload, label, s.target, c, rows)
+                        extra["stack_pss_mb_after_load"] = tree_pss_mb(s.proc.pid)
+                        print(f"  cold start to ready {s.ready_s:.1f} s; whole stack PSS "
+                              f"{extra['stack_pss_mb_after_load']:.0f} MB")
+                    cell("digit-1", label, s.target, 64, 1)
+
+    report = ratios(results, extra)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"machine": machine, "duration_s": d, "results": [asdict(r) for r in results], "extra": extra,
+         "ratios": report}, indent=2, default=float))
+    md = markdown(results, extra, report, machine, d)
+    args.out.with_suffix(".md").write_text(md)
+    print("\n" + md)
+    return 0
+
+
+def _find(results, workload, path, concurrency):
+    return next((r for r in results if r.workload == workload and r.path == path and r.concurrency == concurrency),
+                None)
+
+
+def ratios(results: list[Result], extra: dict) -> dict:
+    out: dict[str, float] = {}
+
+    def ratio(key, a, b, attr="requests_per_s"):
+        if a and b and getattr(b, attr):
+            out[key] = getattr(a, attr) / getattr(b, attr)
+
+    for c in (8, 32):
+        ds = _find(results, "fraud-1", "DeepServe", c)
+        ratio(f"fraud-1 c{c}: DeepServe / KServe", ds, _find(results, "fraud-1", "KServe 0.21", c))
+        ratio(f"fraud-1 c{c}: DeepServe / bare", ds, _find(results, "fraud-1", "bare grpcio", c))
+    ds8 = _find(results, "fraud-1", "DeepServe", 8)
+    if ds8:
+        out["fraud-1 c8: DeepServe p99 ms"] = ds8.p99_ms
+    ratio("fraud-256 c8: DeepServe rows/s / in-process", _find(results, "fraud-256", "DeepServe", 8),
+          _find(results, "fraud-256", "in-process ORT", 1), "rows_per_s")
+    ratio("digit-1 c64: batching / no batching", _find(results, "digit-1", "DeepServe", 64),
+          _find(results, "digit-1", "DeepServe, no batching", 64))
+    return out
+
+
+def markdown(results, extra, report, machine, duration) -> str:
+    lines = [
+        f"Machine: {machine}. Each cell: {duration:g} s measured after 1.5 s warm-up, closed loop.",
+        "",
+        "| workload | path | concurrency | req/s | rows/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r.workload} | {r.path} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.rows_per_s:,.0f} | "
+                     f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors or ''} |")
+    lines += ["", "| target | measured |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report.items()]
+    for k, v in extra.items():
+        lines.append(f"| {k} | {v:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

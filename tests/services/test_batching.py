@@ -1,0 +1,81 @@
+"""BatchingBackend on a real ONNX Runtime session: merging, splitting, deadlines, overload."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from deepserve.batching import BatchingBackend, BatchingConfig
+from deepserve.errors import DeadlineExceeded, Overloaded
+from deepserve.runtime import runtime_for
+
+
+@pytest.fixture(scope="module")
+def runtime(repository):
+    model, data = repository.load("digit-classifier")
+    rt = runtime_for(model.manifest)
+    rt.load(data)
+    return rt
+
+
+def _images(n, seed):
+    return {"images": np.random.default_rng(seed).random((n, 1, 8, 8), dtype=np.float32)}
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_concurrent_requests_share_runs_and_get_their_own_rows(runtime, threaded):
+    backend = BatchingBackend(runtime, BatchingConfig(max_batch_size=16, threaded=threaded))
+    requests = [_images(n, seed) for seed, n in enumerate([1, 3, 2, 5, 1, 4, 2, 7])]
+
+    async def main():
+        return await asyncio.gather(*(backend.infer(r, timeout=10) for r in requests))
+
+    results = asyncio.run(main())
+    for request, result in zip(requests, results):
+        want = runtime.run(request)
+        np.testing.assert_allclose(result["probabilities"], want["probabilities"], rtol=1e-5, atol=1e-6)
+    assert backend.stats.requests == len(requests)
+    assert backend.stats.runs < len(requests)  # some runs carried several requests
+    assert backend.stats.rows == sum(len(r["images"]) for r in requests)
+
+
+def test_disabled_batching_runs_one_request_at_a_time(runtime):
+    backend = BatchingBackend(runtime, BatchingConfig(enabled=False))
+
+    async def main():
+        await asyncio.gather(*(backend.infer(_images(2, i), timeout=10) for i in range(6)))
+
+    asyncio.run(main())
+    assert backend.stats.runs == 6 and backend.stats.largest == 1
+
+
+def test_full_queue_is_overloaded(runtime):
+    backend = BatchingBackend(runtime, BatchingConfig(max_queued=3, threaded=True))
+
+    async def main():
+        return await asyncio.gather(*(backend.infer(_images(1, i), timeout=10) for i in range(8)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert len(refused) == 5 and all("overloaded" in str(r) for r in refused)
+    assert sum(isinstance(r, dict) for r in results) == 3
+
+
+def test_deadline_while_queued(runtime):
+    backend = BatchingBackend(runtime, BatchingConfig(max_wait_s=0.2, max_batch_size=64))
+
+    async def main():
+        return await asyncio.gather(backend.infer(_images(1, 0), timeout=0.01),
+                                    backend.infer(_images(1, 1), timeout=5), return_exceptions=True)
+
+    short, long = asyncio.run(main())
+    assert isinstance(short, DeadlineExceeded) and "deadline" in str(short)
+    assert isinstance(long, dict) and backend.stats.requests == 1  # the expired one never ran
+
+
+def test_batching_options_are_checked():
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchingConfig.from_dict({"max_batch": 8})
