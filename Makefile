@@ -15,7 +15,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test protos protos-check clean distclean
+.PHONY: install models serve test bench protos protos-check clean distclean
 
 install: $(STAMP)
 
@@ -38,6 +38,16 @@ serve: models
 test: models
 	$(PY) -m pytest
 
+# KServe, the peer in the benchmark, lives in its own venv: its pins clash with Ray's.
+KSERVE_VENV := .venv-kserve
+$(KSERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet 'kserve==0.21.0' onnxruntime numpy
+	touch $@
+
+bench: models $(KSERVE_VENV)/.installed
+	$(PY) loadtests/bench/bench.py --repo $(REPO)
+
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
@@ -49,4 +59,19 @@ clean:
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(REPO) *.egg-info
+	rm -rf $(VENV) $(KSERVE_VENV) $(REPO) *.egg-info
+
+# Load test against an already running `make serve` (loadtests/README.md). Override e.g.
+#   make loadtest USERS=16 DURATION=60 SLO_ARGS="--slo-p99-ms 50 --slo-error-rate 0.01"
+HOST          ?= 127.0.0.1:9000
+USERS         ?= 8
+SPAWN_RATE    ?= $(USERS)
+DURATION      ?= 20
+LOADTEST_USER ?= MixUser
+LOADTEST_OUT  ?= reports/loadtest
+SLO_ARGS      ?=
+
+.PHONY: loadtest
+loadtest: models
+	$(PY) loadtests/run.py --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+		--user $(LOADTEST_USER) --out $(LOADTEST_OUT) $(SLO_ARGS)

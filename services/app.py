@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -146,6 +147,7 @@ class Gateway:
                 backend = RayBackend(name, handles[name])
             served.append(ServedModel(runtime=runtime, backend=backend))
         self.dataplane = DataPlane(served, settings.default_timeout_s)
+        self._last_report = (time.monotonic(), 0)
         self.poll_s = settings.readiness_poll_s
         await self.dataplane.refresh()
         self.server = GrpcServer(self.dataplane, settings.grpc_host, settings.grpc_port, settings.max_message_bytes)
@@ -164,6 +166,15 @@ class Gateway:
     async def check_health(self) -> None:
         if self.poller.done():
             raise RuntimeError("the readiness poller stopped")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """This replica's load for :class:`~deepserve.autoscaling.GatewayLoadPolicy`: its
+        requests never pass Serve's router, so Serve cannot count them itself."""
+        now, total = time.monotonic(), self.dataplane.requests_total
+        since, before = self._last_report
+        self._last_report = (now, total)
+        rate = (total - before) / (now - since) if now > since else 0.0
+        return {"requests_per_s": rate, "in_flight": float(self.dataplane.in_flight)}
 
     async def status(self) -> dict[str, Any]:
         """Readiness and each model's replica report (batch statistics included)."""

@@ -1,19 +1,16 @@
 """Dynamic batching in front of one ONNX Runtime session.
 
-Requests queue; a drain task runs the session over everything queued (up to
-``max_batch_size`` requests) as one batch. While one batch computes, the next gathers:
-under load, batches grow by themselves; an idle model answers a lone request at once.
-``max_wait_s`` > 0 additionally holds a non-full batch back that long, trading latency
-for larger batches.
+Requests queue; a drain task runs the session in a worker thread over everything
+queued (up to ``max_batch_size`` requests) as one batch. While one batch computes (ONNX
+Runtime releases the GIL), the event loop keeps reading requests and the next batch
+gathers: under load, batches grow by themselves; an idle model answers a lone request at
+once. ``max_wait_s`` > 0 additionally holds a non-full batch back that long, trading
+latency for larger batches.
 
-Where the session runs:
-- in a worker thread (ONNX Runtime releases the GIL), so the event loop keeps reading
-  requests while a slow model computes: what lets batches form behind a model that
-  takes milliseconds;
-- inline on the event loop, for models that answer in microseconds: a thread handoff
-  would cost more than the computation. Batches still form, from the requests the loop
-  read in before the drain task ran.
-``threaded: null`` (the default) times a full batch once and picks (``INLINE_BELOW_S``).
+Models that run a full batch in microseconds (``INLINE_BELOW_S``) skip all of that and
+compute each request on the event loop as it arrives: a queue, a future and a thread
+handoff would cost more than the model, and batching cannot pay for itself there.
+``threaded: null`` (the default) times a full batch once at start-up and picks.
 """
 
 from __future__ import annotations
@@ -81,7 +78,7 @@ class BatchingBackend:
         if threaded is None:  # a full batch of one-row requests: does it outlast a thread handoff?
             threaded = runtime.time_run(self.config.max_batch_size) >= INLINE_BELOW_S
         self.threaded = threaded
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"onnx-{runtime.name}") if threaded else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"onnx-{runtime.name}")
 
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
         if self._in_flight >= self.config.max_queued:
@@ -89,6 +86,12 @@ class BatchingBackend:
                 f"model '{self.runtime.name}' is overloaded: {self._in_flight} requests in flight; "
                 "retry with backoff"
             )
+        if not self.threaded:
+            # Microsecond models: computing now costs less than queueing (a future, a task,
+            # a timer); the loop is busy for those microseconds either way.
+            outputs = self.runtime.run(inputs)
+            self.stats.record(1, len(next(iter(inputs.values()))))
+            return outputs
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((inputs, future))
@@ -132,8 +135,6 @@ class BatchingBackend:
                 del self._pending[:limit]
                 for group in _by_shape(batch):
                     await self._run(loop, group)
-                if not self.threaded:
-                    await asyncio.sleep(0)  # let the loop read more requests before the next run
         finally:
             self._draining = False
 
@@ -143,10 +144,7 @@ class BatchingBackend:
             name: np.concatenate([x[name] for x, _ in group]) for name in group[0][0]
         }
         try:
-            if self._executor is None:
-                outputs = self.runtime.run(merged)
-            else:
-                outputs = await loop.run_in_executor(self._executor, self.runtime.run, merged)
+            outputs = await loop.run_in_executor(self._executor, self.runtime.run, merged)
         except Exception:  # the session failed: every request in the batch learns it
             log.exception("model %s: session run failed", self.runtime.name)
             for _, future in group:
@@ -165,8 +163,7 @@ class BatchingBackend:
                 future.set_result(part)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _by_shape(batch):

@@ -116,6 +116,10 @@ def _serve(args: argparse.Namespace) -> int:
     port = int(app_args.get("grpc_port", 9000))
     app = build_app(app_args, deployments)
 
+    # Serve runs replica code on the replica's main event loop instead of a second thread:
+    # the gateway's gRPC server then shares no GIL hand-offs with it (+10-25% req/s here;
+    # docs/benchmarks.md). Workers of a local cluster inherit it; set it on cluster nodes too.
+    os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
     if args.address:
         ray.init(address=args.address, namespace="deepserve")
     else:  # an embedded single-node cluster, sized for a laptop or a small VM

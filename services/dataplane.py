@@ -54,6 +54,8 @@ class DataPlane:
     def __init__(self, models: list[ServedModel], default_timeout_s: float = 30.0):
         self.models = {m.runtime.name: m for m in models}
         self.default_timeout_s = default_timeout_s
+        self.requests_total = 0  # inference requests that reached a model (for autoscaling)
+        self.in_flight = 0
 
     # ------------------------------------------------------------------ health
 
@@ -112,7 +114,12 @@ class DataPlane:
         if not model.ready:
             raise ModelNotReady(f"model '{model.runtime.name}' has no ready replica yet; retry shortly")
         model.runtime.validate(inputs)
-        return await model.backend.infer(inputs, self._timeout(remaining))
+        self.requests_total += 1
+        self.in_flight += 1
+        try:
+            return await model.backend.infer(inputs, self._timeout(remaining))
+        finally:
+            self.in_flight -= 1
 
     async def infer(
         self,

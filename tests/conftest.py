@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,13 +57,22 @@ def server(repository):
     from deepserve.client import DeepServeClient
 
     port = free_port()
+    os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")  # as `deepserve serve` runs
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024,
              namespace="deepserve-tests", log_to_driver=False)
     serve.start(proxy_location="Disabled")
+    gateway = {  # the shipped autoscaling policy runs, held to one replica
+        "name": "Gateway",
+        "autoscaling_config": {
+            "min_replicas": 1, "max_replicas": 1,
+            "policy": {"policy_function": "deepserve.autoscaling:GatewayLoadPolicy",
+                       "policy_kwargs": {"target_requests_per_s": 1500}},
+        },
+    }
     app = build_app({
         "repository": str(repository.root), "models": TEST_MODELS, "grpc_port": port,
         "grpc_host": "127.0.0.1", "max_rows_per_request": MAX_ROWS, "readiness_poll_s": 0.5,
-    })
+    }, [gateway])
     serve.run(app, name="deepserve", route_prefix=None)
     target = f"127.0.0.1:{port}"
     with DeepServeClient(target) as client:

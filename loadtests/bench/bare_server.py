@@ -4,7 +4,10 @@ Open Inference Protocol ``ModelInfer`` only, raw tensors only, no validation, no
 batching: the least a Python gRPC server can do per request. ``make bench`` compares
 DeepServe with it.
 
-    python loadtests/bench/bare_server.py MODEL.onnx MODEL_NAME PORT
+    python loadtests/bench/bare_server.py MODEL.onnx MODEL_NAME PORT [--uvloop]
+
+``--uvloop`` runs it on uvloop, the event loop Ray Serve gives its replicas (and so
+DeepServe's gateway): the like-for-like reference for DeepServe.
 """
 
 from __future__ import annotations
@@ -55,4 +58,8 @@ async def main(path: str, name: str, port: int) -> None:
 
 
 if __name__ == "__main__":
+    if "--uvloop" in sys.argv:
+        import uvloop
+
+        uvloop.install()
     asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))

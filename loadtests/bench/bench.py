@@ -309,12 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     fraud_cells = [("fraud-1", c, 1) for c in (1, 8, 32)] + [("fraud-256", 8, 256)]
     py = sys.executable
     if "bare" not in args.skip:
-        print("bare grpcio + ONNX Runtime (no framework)")
-        for name, path in (("fraud-autoencoder", fraud_path), ("digit-classifier", digits_path)):
-            port = free_port()
-            with Server("bare", [py, "loadtests/bench/bare_server.py", str(path), name, str(port)], port) as s:
-                for workload, c, rows in (fraud_cells if name == "fraud-autoencoder" else [("digit-1", 64, 1)]):
-                    cell(workload, "bare grpcio", s.target, c, rows)
+        # Plain asyncio, and uvloop: the loop Serve gives every replica, DeepServe's gateway included.
+        for label, flags in (("bare grpcio", []), ("bare grpcio + uvloop", ["--uvloop"])):
+            print(f"{label} + ONNX Runtime (no framework)")
+            for name, path in (("fraud-autoencoder", fraud_path), ("digit-classifier", digits_path)):
+                port = free_port()
+                argv = [py, "loadtests/bench/bare_server.py", str(path), name, str(port), *flags]
+                with Server("bare", argv, port) as s:
+                    for workload, c, rows in (fraud_cells if name == "fraud-autoencoder" else [("digit-1", 64, 1)]):
+                        cell(workload, label, s.target, c, rows)
     if "kserve" not in args.skip and KSERVE_PYTHON.exists():
         print("KServe ModelServer (the peer)")
         port = free_port()
@@ -371,6 +374,7 @@ def ratios(results: list[Result], extra: dict) -> dict:
         ds = _find(results, "fraud-1", "DeepServe", c)
         ratio(f"fraud-1 c{c}: DeepServe / KServe", ds, _find(results, "fraud-1", "KServe 0.21", c))
         ratio(f"fraud-1 c{c}: DeepServe / bare", ds, _find(results, "fraud-1", "bare grpcio", c))
+        ratio(f"fraud-1 c{c}: DeepServe / bare + uvloop", ds, _find(results, "fraud-1", "bare grpcio + uvloop", c))
     ds8 = _find(results, "fraud-1", "DeepServe", 8)
     if ds8:
         out["fraud-1 c8: DeepServe p99 ms"] = ds8.p99_ms
