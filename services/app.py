@@ -98,7 +98,7 @@ class RayBackend:
             return await asyncio.wait_for(_await(response), timeout)
         except asyncio.TimeoutError:
             response.cancel()
-            raise DeadlineExceeded(f"model '{self.name}' did not answer within the deadline ({timeout:.3g} s)") from None
+            raise DeadlineExceeded(f"model '{self.name}' did not answer within the deadline") from None
         except BackPressureError:
             raise Overloaded(f"model '{self.name}' is overloaded: its request queue is full; retry with backoff") from None
         except (RayActorError, DeploymentUnavailableError):

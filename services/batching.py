@@ -99,7 +99,7 @@ class BatchingBackend:
             self._draining = True
             loop.create_task(self._drain())
         # A timer, not asyncio.wait_for: no extra task per request on the hot path.
-        timer = loop.call_later(timeout, self._expire, future, timeout)
+        timer = loop.call_later(timeout, self._expire, future)
         self._in_flight += 1
         try:
             return await future  # if the caller is cancelled, so is the future: the drain skips it
@@ -107,11 +107,9 @@ class BatchingBackend:
             self._in_flight -= 1
             timer.cancel()
 
-    def _expire(self, future: asyncio.Future, timeout: float) -> None:
+    def _expire(self, future: asyncio.Future) -> None:
         if not future.done():  # still queued or computing: the caller gets its answer now
-            future.set_exception(DeadlineExceeded(
-                f"model '{self.runtime.name}' did not answer within the deadline ({timeout:.3g} s)"
-            ))
+            future.set_exception(DeadlineExceeded(f"model '{self.runtime.name}' did not answer within the deadline"))
 
     async def info(self, timeout: float = 0.0) -> dict[str, Any]:
         return {
