@@ -183,12 +183,15 @@ class ModelsServicer(v1_grpc.ModelsServicer):
                 load_seconds=float(model.replica_info.get("load_seconds", 0.0)),
                 metrics={k: float(v) for k, v in manifest.metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                batching={k: float(model.replica_info[k]) for k in BATCHING_FIELDS if k in model.replica_info},
             ))
         return v1.ListModelsResponse(models=infos)
 
 
 # ---------------------------------------------------------------------------- server
 
+
+BATCHING_FIELDS = ("batch_runs", "batched_requests", "largest_batch", "in_flight", "threaded")
 
 SERVICE_NAMES = (
     "inference.GRPCInferenceService",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/deepserve.proto\x12\x0c\x64\x65\x65pserve.v1\"\x85\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x0ctransactions\x18\x03 \x03(\x0b\x32\x19.deepserve.v1.Transaction\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\x82\x01\n\x0bTransaction\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x01\x12\x33\n\x05named\x18\x02 \x03(\x0b\x32$.deepserve.v1.Transaction.NamedEntry\x1a,\n\nNamedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Z\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.deepserve.v1.FraudScore\"\x90\x01\n\nFraudScore\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x10\n\x08is_fraud\x18\x02 \x01(\x08\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x37\n\x0ctop_features\x18\x05 \x03(\x0b\x32!.deepserve.v1.FeatureContribution\"2\n\x13\x46\x65\x61tureContribution\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x01\"e\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.deepserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"$\n\x05Image\x12\x0e\n\x06pixels\x18\x01 \x03(\x02\x12\x0b\n\x03png\x18\x02 \x01(\x0c\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.deepserve.v1.Classification\"7\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.deepserve.v1.LabelScore\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.deepserve.v1.ModelInfo\"\xf0\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.deepserve.v1.ModelInfo.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32R\n\x0c\x46raudScoring\x12\x42\n\x05Score\x12\x1a.deepserve.v1.ScoreRequest\x1a\x1b.deepserve.v1.ScoreResponse\"\x00\x32Y\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.deepserve.v1.ClassifyRequest\x1a\x1e.deepserve.v1.ClassifyResponse\"\x00\x32[\n\x06Models\x12Q\n\nListModels\x12\x1f.deepserve.v1.ListModelsRequest\x1a .deepserve.v1.ListModelsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/deepserve.proto\x12\x0c\x64\x65\x65pserve.v1\"\x85\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x0ctransactions\x18\x03 \x03(\x0b\x32\x19.deepserve.v1.Transaction\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\x82\x01\n\x0bTransaction\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x01\x12\x33\n\x05named\x18\x02 \x03(\x0b\x32$.deepserve.v1.Transaction.NamedEntry\x1a,\n\nNamedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Z\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.deepserve.v1.FraudScore\"\x90\x01\n\nFraudScore\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x10\n\x08is_fraud\x18\x02 \x01(\x08\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x37\n\x0ctop_features\x18\x05 \x03(\x0b\x32!.deepserve.v1.FeatureContribution\"2\n\x13\x46\x65\x61tureContribution\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x01\"e\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.deepserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"$\n\x05Image\x12\x0e\n\x06pixels\x18\x01 \x03(\x02\x12\x0b\n\x03png\x18\x02 \x01(\x0c\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.deepserve.v1.Classification\"7\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.deepserve.v1.LabelScore\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.deepserve.v1.ModelInfo\"\xda\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.deepserve.v1.ModelInfo.MetricsEntry\x12\x37\n\x08\x62\x61tching\x18\t \x03(\x0b\x32%.deepserve.v1.ModelInfo.BatchingEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rBatchingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32R\n\x0c\x46raudScoring\x12\x42\n\x05Score\x12\x1a.deepserve.v1.ScoreRequest\x1a\x1b.deepserve.v1.ScoreResponse\"\x00\x32Y\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.deepserve.v1.ClassifyRequest\x1a\x1e.deepserve.v1.ClassifyResponse\"\x00\x32[\n\x06Models\x12Q\n\nListModels\x12\x1f.deepserve.v1.ListModelsRequest\x1a .deepserve.v1.ListModelsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSACTION_NAMEDENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELINFO_BATCHINGENTRY']._loaded_options = None
+  _globals['_MODELINFO_BATCHINGENTRY']._serialized_options = b'8\001'
   _globals['_SCOREREQUEST']._serialized_start=47
   _globals['_SCOREREQUEST']._serialized_end=180
   _globals['_TRANSACTION']._serialized_start=183
@@ -62,13 +64,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=974
   _globals['_LISTMODELSRESPONSE']._serialized_end=1035
   _globals['_MODELINFO']._serialized_start=1038
-  _globals['_MODELINFO']._serialized_end=1278
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1232
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1278
-  _globals['_FRAUDSCORING']._serialized_start=1280
-  _globals['_FRAUDSCORING']._serialized_end=1362
-  _globals['_CLASSIFIER']._serialized_start=1364
-  _globals['_CLASSIFIER']._serialized_end=1453
-  _globals['_MODELS']._serialized_start=1455
-  _globals['_MODELS']._serialized_end=1546
+  _globals['_MODELINFO']._serialized_end=1384
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1289
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1335
+  _globals['_MODELINFO_BATCHINGENTRY']._serialized_start=1337
+  _globals['_MODELINFO_BATCHINGENTRY']._serialized_end=1384
+  _globals['_FRAUDSCORING']._serialized_start=1386
+  _globals['_FRAUDSCORING']._serialized_end=1468
+  _globals['_CLASSIFIER']._serialized_start=1470
+  _globals['_CLASSIFIER']._serialized_end=1559
+  _globals['_MODELS']._serialized_start=1561
+  _globals['_MODELS']._serialized_end=1652
 # @@protoc_insertion_point(module_scope)

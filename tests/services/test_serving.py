@@ -177,6 +177,7 @@ def test_list_models_shows_provider(client, repository):
     for name, info in models.items():
         assert info.ready and info.execution_provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
         assert info.sha256 == repository.get(name).manifest.sha256
+        assert info.batching["batch_runs"] >= 0 and info.batching["threaded"] in (0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------- health, reflection
