@@ -15,7 +15,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test bench protos protos-check clean distclean
+.PHONY: install models serve test tools bench protos protos-check clean distclean
 
 install: $(STAMP)
 
@@ -35,8 +35,14 @@ models: $(STAMP)
 serve: models
 	$(BIN)/deepserve serve --repo $(REPO) --config deploy/serve_config.yaml
 
-test: models
+test: models tools
 	$(PY) -m pytest
+
+# Debian's Prometheus (server and promtool) for the metrics tests; installed where we may.
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "note: Debian's prometheus package is missing (sudo apt-get install prometheus); its tests will be skipped"; fi; }
 
 # KServe, the peer in the benchmark, lives in its own venv: its pins clash with Ray's.
 KSERVE_VENV := .venv-kserve

@@ -30,6 +30,7 @@ from ray.serve.schema import LoggingConfig
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deepserve import metrics
 from deepserve.batching import BatchingBackend, BatchingConfig
 from deepserve.dataplane import DataPlane, ServedModel
 from deepserve.errors import DeadlineExceeded, DeepServeError, ModelNotReady, Overloaded
@@ -47,10 +48,11 @@ QUIET = LoggingConfig(enable_access_log=False, log_level="WARNING")
 # ---------------------------------------------------------------------------- model replicas
 
 
-def _load_runtime(repository: str, name: str, version: str, max_rows: int):
+def _load_runtime(repository: str, name: str, version: str, max_rows: int, placement: str):
     model, data = ModelRepository(repository).load(name, version)  # sha256-verified bytes
     runtime = runtime_for(model.manifest, max_rows)
     runtime.load(data)  # session + warm-up: ready means ready
+    metrics.get().loaded(name, version, runtime.kind, placement, runtime.provider, runtime.load_seconds)
     return runtime
 
 
@@ -68,10 +70,11 @@ class ModelReplica:
     Concurrent calls are batched by the same :class:`BatchingBackend` the gateway uses.
     """
 
-    def __init__(self, repository: str, name: str, version: str, max_rows: int, batching: dict[str, Any]):
-        self.runtime = _load_runtime(repository, name, version, max_rows)
+    async def __init__(self, repository: str, name: str, version: str, max_rows: int, batching: dict[str, Any]):
+        self.runtime = _load_runtime(repository, name, version, max_rows, "deployment")
         self.backend = BatchingBackend(self.runtime, BatchingConfig.from_dict(batching))
         self.pid = os.getpid()
+        self.gauges = asyncio.get_running_loop().create_task(_refresh_gauges(f"replica:{name}"))
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # The gateway enforces the client's deadline; this bound only stops runaway work.
@@ -83,6 +86,13 @@ class ModelReplica:
     def check_health(self) -> None:
         if self.runtime.session is None:
             raise RuntimeError(f"{self.runtime.name}: no ONNX Runtime session")
+
+
+async def _refresh_gauges(component: str, period_s: float = 5.0) -> None:
+    """Keep this process's descriptive gauges (info, replicas, load time, memory) exported."""
+    while True:
+        metrics.get().refresh(component)
+        await asyncio.sleep(period_s)
 
 
 class RayBackend:
@@ -140,7 +150,7 @@ class Gateway:
         served = []
         for name, entry in plan.items():
             if entry["placement"] == "gateway":
-                runtime = _load_runtime(repository, name, entry["version"], settings.max_rows_per_request)
+                runtime = _load_runtime(repository, name, entry["version"], settings.max_rows_per_request, "gateway")
                 backend = BatchingBackend(runtime, BatchingConfig.from_dict(entry["batching"]))
             else:
                 runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request)
@@ -160,6 +170,8 @@ class Gateway:
             try:
                 await self.dataplane.refresh()
                 await self.server.publish_health()
+                self.dataplane.publish_gauges()
+                metrics.get().refresh("gateway")
             except Exception:  # keep polling whatever happens
                 log.exception("readiness poll failed")
 

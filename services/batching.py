@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from deepserve import metrics
 from deepserve.errors import DeadlineExceeded, Overloaded
 from deepserve.runtime import Runtime
 
@@ -71,7 +73,8 @@ class BatchingBackend:
         self.runtime = runtime
         self.config = config or BatchingConfig()
         self.stats = BatchStats()
-        self._pending: list[tuple[dict[str, np.ndarray], asyncio.Future]] = []
+        self.metrics = metrics.get()
+        self._pending: list[tuple[dict[str, np.ndarray], asyncio.Future, float]] = []  # (inputs, answer, queued at)
         self._draining = False
         self._in_flight = 0  # requests queued or computing
         threaded = self.config.threaded
@@ -89,12 +92,13 @@ class BatchingBackend:
         if not self.threaded:
             # Microsecond models: computing now costs less than queueing (a future, a task,
             # a timer); the loop is busy for those microseconds either way.
+            started = time.perf_counter()
             outputs = self.runtime.run(inputs)
-            self.stats.record(1, len(next(iter(inputs.values()))))
+            self._record(1, len(next(iter(inputs.values()))), time.perf_counter() - started, (0.0,))
             return outputs
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((inputs, future))
+        self._pending.append((inputs, future, time.perf_counter()))
         if not self._draining:
             self._draining = True
             loop.create_task(self._drain())
@@ -129,7 +133,7 @@ class BatchingBackend:
             while self._pending:
                 if self.config.max_wait_s > 0 and len(self._pending) < limit:
                     await asyncio.sleep(self.config.max_wait_s)
-                batch = [(x, f) for x, f in self._pending[:limit] if not f.done()]
+                batch = [item for item in self._pending[:limit] if not item[1].done()]
                 del self._pending[:limit]
                 for group in _by_shape(batch):
                     await self._run(loop, group)
@@ -137,28 +141,39 @@ class BatchingBackend:
             self._draining = False
 
     async def _run(self, loop, group) -> None:
-        counts = [len(next(iter(x.values()))) for x, _ in group]
+        counts = [len(next(iter(x.values()))) for x, _, _ in group]
         merged = group[0][0] if len(group) == 1 else {
-            name: np.concatenate([x[name] for x, _ in group]) for name in group[0][0]
+            name: np.concatenate([x[name] for x, _, _ in group]) for name in group[0][0]
         }
+        started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self.runtime.run, merged)
+            outputs = await loop.run_in_executor(self._executor, self._timed_run, merged)
         except Exception:  # the session failed: every request in the batch learns it
             log.exception("model %s: session run failed", self.runtime.name)
-            for _, future in group:
+            for _, future, _ in group:
                 if not future.done():
                     future.set_exception(RuntimeError(f"model '{self.runtime.name}' failed to compute"))
             return
-        self.stats.record(len(group), sum(counts))
+        outputs, seconds = outputs
+        self._record(len(group), sum(counts), seconds, [started - queued for _, _, queued in group])
         if len(group) == 1:
             parts = [outputs]
         else:
             bounds = np.cumsum(counts)[:-1]
             split = {name: np.split(array, bounds) for name, array in outputs.items()}
             parts = [{name: split[name][i] for name in outputs} for i in range(len(group))]
-        for (_, future), part in zip(group, parts):
+        for (_, future, _), part in zip(group, parts):
             if not future.done():
                 future.set_result(part)
+
+    def _timed_run(self, inputs):
+        started = time.perf_counter()
+        outputs = self.runtime.run(inputs)
+        return outputs, time.perf_counter() - started
+
+    def _record(self, requests: int, rows: int, seconds: float, waits) -> None:
+        self.stats.record(requests, rows)
+        self.metrics.batch(self.runtime.name, self.runtime.version, requests, rows, seconds, waits)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -167,7 +182,7 @@ class BatchingBackend:
 def _by_shape(batch):
     """Requests whose tensors agree on every non-batch dimension can share a run."""
     groups: dict[tuple, list] = {}
-    for item in batch:
+    for item in batch:  # (inputs, future, queued at)
         key = tuple((name, a.shape[1:]) for name, a in item[0].items())
         groups.setdefault(key, []).append(item)
     return list(groups.values())

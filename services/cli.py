@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from deepserve.app import build_app
     from deepserve.client import DeepServeClient
+    from deepserve.settings import Settings
 
     config = yaml.safe_load(args.config.read_text())
     app_config = config["applications"][0]
@@ -114,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
         app_args["models"] = {n: configured.get(n, {}) for n in args.models}
         deployments = [d for d in deployments if d["name"] in ("Gateway", *args.models)]
     port = int(app_args.get("grpc_port", 9000))
+    metrics_port = args.metrics_port or Settings().metrics_port
     app = build_app(app_args, deployments)
 
     # Serve runs replica code on the replica's main event loop instead of a second thread:
@@ -123,8 +125,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address, namespace="deepserve")
     else:  # an embedded single-node cluster, sized for a laptop or a small VM
+        # Ray's metrics agent serves every process's metrics, ours included, on this port.
         ray.init(namespace="deepserve", include_dashboard=False,
-                 object_store_memory=args.object_store_mb * 1024 * 1024)
+                 object_store_memory=args.object_store_mb * 1024 * 1024,
+                 _metrics_export_port=metrics_port)
     serve.start(proxy_location="Disabled")
     started = time.perf_counter()
     serve.run(app, name=app_config.get("name", "deepserve"), route_prefix=None)
@@ -132,7 +136,8 @@ def _serve(args: argparse.Namespace) -> int:
         client.wait_ready(timeout=120)
         models = client.list_models().models
     print(f"DeepServe ready in {time.perf_counter() - started:.1f} s on port {port} "
-          f"(Open Inference Protocol v2 + deepserve.v1, gRPC):")
+          f"(Open Inference Protocol v2 + deepserve.v1, gRPC); metrics on "
+          f"{'the cluster nodes' if args.address else f'http://127.0.0.1:{metrics_port}/metrics'}:")
     for m in models:
         print(f"  {m.name:26s} v{m.version:3s} {m.kind:11s} {m.execution_provider}")
     print("Try:  .venv/bin/deepserve classify --digit 3     (Ctrl-C stops the server)", flush=True)
@@ -221,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="gRPC port (default $DEEPSERVE_GRPC_PORT or the config's)")
     s.add_argument("--models", nargs="+", help="serve only these models")
     s.add_argument("--object-store-mb", type=int, default=256, help="embedded cluster's object store")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus endpoint of the embedded cluster's node (default $DEEPSERVE_METRICS_PORT "
+                        "or 8080); on a cluster: `ray start --metrics-export-port`")
     s.set_defaults(func=_serve)
 
     for name, func, helptext in (("score", _score, "score a CSV of transactions (fraud-autoencoder)"),

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deepserve import __version__
+from deepserve import __version__, metrics
 from deepserve.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
 from deepserve.runtime import AnomalyResult, AnomalyRuntime, ClassifierRuntime, Runtime
 
@@ -42,6 +42,7 @@ class ServedModel:
     backend: Backend
     ready: bool = False
     replica_info: dict[str, Any] = field(default_factory=dict)
+    in_flight: int = 0
 
     @property
     def provider(self) -> str:
@@ -56,6 +57,7 @@ class DataPlane:
         self.default_timeout_s = default_timeout_s
         self.requests_total = 0  # inference requests that reached a model (for autoscaling)
         self.in_flight = 0
+        self.metrics = metrics.get()
 
     # ------------------------------------------------------------------ health
 
@@ -79,6 +81,17 @@ class DataPlane:
                 f"model '{name}' version '{version}' is not served; served version: {model.runtime.version}"
             )
         return model
+
+    def labels(self, name: str | None) -> tuple[str, str]:
+        """Metric labels (model, version) for a request: ``None`` for server-level calls, a
+        served name as it is, anything else (typos, empty) as "unknown", so that clients
+        cannot create series."""
+        if name is None:
+            return "", ""
+        model = self.models.get(name)
+        if model is None:
+            return "unknown", ""
+        return name, model.runtime.version
 
     def model_ready(self, name: str, version: str = "") -> bool:
         return self.get(name, version).ready
@@ -116,10 +129,18 @@ class DataPlane:
         model.runtime.validate(inputs)
         self.requests_total += 1
         self.in_flight += 1
+        model.in_flight += 1
         try:
             return await model.backend.infer(inputs, self._timeout(remaining))
         finally:
             self.in_flight -= 1
+            model.in_flight -= 1
+
+    def publish_gauges(self) -> None:
+        """Readiness and in-flight gauges, sampled (the readiness poll calls this each second)."""
+        for name, model in self.models.items():
+            self.metrics.set_ready(name, model.runtime.version, model.ready)
+            self.metrics.set_in_flight(name, model.runtime.version, model.in_flight)
 
     async def infer(
         self,
@@ -137,6 +158,7 @@ class DataPlane:
         if unknown:
             raise InvalidInput(f"model '{name}' has no output(s) {unknown}; outputs: {sorted(served)}")
         outputs = model.runtime.postprocess(await self._run(model, inputs, remaining), parameters or {})
+        self._observe_outputs(model, outputs)
         if requested_outputs:
             outputs = {n: outputs[n] for n in requested_outputs}
         return model, outputs
@@ -168,6 +190,7 @@ class DataPlane:
                 )
             matrix = np.asarray(rows, dtype=np.float32).reshape(-1, width)
         outputs = await self._run(model, {runtime.manifest.inputs[0].name: matrix}, remaining)
+        self.metrics.fraud(runtime.name, runtime.version, outputs["score"], runtime.threshold)
         return model, runtime.explain(outputs, cutoff)
 
     async def classify(
@@ -192,4 +215,13 @@ class DataPlane:
         ]
         batch = np.stack(decoded).astype(np.float32)  # (B, 1, H, W)
         outputs = await self._run(model, {runtime.manifest.inputs[0].name: batch}, remaining)
+        self.metrics.classified(runtime.name, runtime.version, outputs["probabilities"])
         return model, runtime.top_k(outputs["probabilities"], k)
+
+    def _observe_outputs(self, model: ServedModel, outputs: dict[str, np.ndarray]) -> None:
+        """Model-output health for Open Inference Protocol calls, as for the typed APIs."""
+        runtime = model.runtime
+        if isinstance(runtime, AnomalyRuntime):
+            self.metrics.fraud(runtime.name, runtime.version, outputs["score"], runtime.threshold)
+        elif isinstance(runtime, ClassifierRuntime) and "probabilities" in outputs:
+            self.metrics.classified(runtime.name, runtime.version, outputs["probabilities"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -17,7 +18,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from deepserve import codec
+from deepserve import codec, metrics
 from deepserve.dataplane import PLATFORM, DataPlane
 from deepserve.errors import InvalidInput, to_status
 from deepserve.proto import deepserve_pb2 as v1
@@ -28,48 +29,70 @@ from deepserve.proto import inference_pb2_grpc as oip_grpc
 log = logging.getLogger(__name__)
 
 
-def _handled(method):
-    """Run an RPC; turn any exception into its status code (INTERNAL ones are logged)."""
+def _handled(model_field: str | None = None, default_model: str = ""):
+    """Decorate an RPC: errors become status codes (INTERNAL ones are logged), and every
+    call is counted and timed by model, method and code.
 
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
-            code, message = to_status(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            await context.abort(code, message)
+    Args:
+        model_field: the request field naming the model (None for server-level RPCs).
+        default_model: the model an empty field means.
+    """
 
-    return wrapper
+    def decorate(method):
+        rpc = method.__name__
+
+        @functools.wraps(method)
+        async def wrapper(self, request, context):
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await method(self, request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
+                status, message = to_status(exc)
+                code = status.name
+                if status == grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", rpc)
+                await context.abort(status, message)
+            finally:
+                name = (getattr(request, model_field) or default_model) if model_field else None
+                model, version = self.dataplane.labels(name)
+                self.metrics.request(model, version, rpc, code, time.perf_counter() - started)
+
+        return wrapper
+
+    return decorate
+
+
+class _Servicer:
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+        self.metrics = metrics.get()
 
 
 # ---------------------------------------------------------------------------- Open Inference Protocol
 
 
-class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane):
-        self.dataplane = dataplane
-
-    @_handled
+class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
+    @_handled()
     async def ServerLive(self, request, context):
         return oip.ServerLiveResponse(live=self.dataplane.live())
 
-    @_handled
+    @_handled()
     async def ServerReady(self, request, context):
         return oip.ServerReadyResponse(ready=self.dataplane.ready())
 
-    @_handled
+    @_handled("name")
     async def ModelReady(self, request, context):
         return oip.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
-    @_handled
+    @_handled()
     async def ServerMetadata(self, request, context):
         return oip.ServerMetadataResponse(**self.dataplane.server_metadata())
 
-    @_handled
+    @_handled("name")
     async def ModelMetadata(self, request, context):
         runtime = self.dataplane.get(request.name, request.version).runtime
         tensor = oip.ModelMetadataResponse.TensorMetadata
@@ -81,7 +104,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in runtime.output_specs()],
         )
 
-    @_handled
+    @_handled("model_name")
     async def ModelInfer(self, request, context):
         inputs = codec.decode_request_inputs(request)
         model, outputs = await self.dataplane.infer(
@@ -105,11 +128,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 # ---------------------------------------------------------------------------- deepserve.v1
 
 
-class FraudScoringServicer(v1_grpc.FraudScoringServicer):
-    def __init__(self, dataplane: DataPlane):
-        self.dataplane = dataplane
-
-    @_handled
+class FraudScoringServicer(_Servicer, v1_grpc.FraudScoringServicer):
+    @_handled("model", "fraud-autoencoder")
     async def Score(self, request, context):
         if not request.transactions:
             raise InvalidInput("transactions: empty batch; send at least one transaction")
@@ -143,11 +163,8 @@ class FraudScoringServicer(v1_grpc.FraudScoringServicer):
         )
 
 
-class ClassifierServicer(v1_grpc.ClassifierServicer):
-    def __init__(self, dataplane: DataPlane):
-        self.dataplane = dataplane
-
-    @_handled
+class ClassifierServicer(_Servicer, v1_grpc.ClassifierServicer):
+    @_handled("model", "digit-classifier")
     async def Classify(self, request, context):
         images = []
         for i, image in enumerate(request.images):
@@ -167,11 +184,8 @@ class ClassifierServicer(v1_grpc.ClassifierServicer):
         )
 
 
-class ModelsServicer(v1_grpc.ModelsServicer):
-    def __init__(self, dataplane: DataPlane):
-        self.dataplane = dataplane
-
-    @_handled
+class ModelsServicer(_Servicer, v1_grpc.ModelsServicer):
+    @_handled()
     async def ListModels(self, request, context):
         infos = []
         for name in sorted(self.dataplane.models):

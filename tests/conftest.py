@@ -45,6 +45,7 @@ TEST_MODELS = {
     "digit-classifier-robust": {"placement": "deployment"},
 }
 MAX_ROWS = 1024
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +60,8 @@ def server(repository):
     port = free_port()
     os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")  # as `deepserve serve` runs
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024,
-             namespace="deepserve-tests", log_to_driver=False)
+             namespace="deepserve-tests", log_to_driver=False, _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 1000})  # tests wait for exports: be quick
     serve.start(proxy_location="Disabled")
     gateway = {  # the shipped autoscaling policy runs, held to one replica
         "name": "Gateway",

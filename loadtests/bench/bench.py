@@ -329,22 +329,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"KServe: skipped ({KSERVE_PYTHON} missing; `make bench` installs it)")
     if "deepserve" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
-            for batching in (True, False):
-                label = "DeepServe" if batching else "DeepServe, no batching"
+            # (label, batching, metrics): the last two runs measure what batching and metrics give and cost.
+            for label, batching, metrics in (("DeepServe", True, True), ("DeepServe, no batching", False, True),
+                                             ("DeepServe, metrics off", True, False)):
                 print(label)
                 port = free_port()
                 cmd = [py, "-m", "deepserve.cli", "serve", "--repo", str(args.repo), "--port", str(port),
-                       "--config", str(deepserve_config(Path(tmp), batching)),
+                       "--metrics-port", str(free_port()), "--config", str(deepserve_config(Path(tmp), batching)),
                        "--models", "fraud-autoencoder", "digit-classifier"]
-                with Server("deepserve", cmd, port) as s:
-                    if batching:
+                env = {"DEEPSERVE_METRICS": "1" if metrics else "0"}
+                with Server("deepserve", cmd, port, env) as s:
+                    if label == "DeepServe":
                         extra["cold_start_to_ready_s"] = s.ready_s
                         for workload, c, rows in fraud_cells:
                             cell(workload, label, s.target, c, rows)
                         extra["stack_pss_mb_after_load"] = tree_pss_mb(s.proc.pid)
                         print(f"  cold start to ready {s.ready_s:.1f} s; whole stack PSS "
                               f"{extra['stack_pss_mb_after_load']:.0f} MB")
-                    cell("digit-1", label, s.target, 64, 1)
+                        cell("digit-1", label, s.target, 64, 1)
+                    elif not batching:
+                        cell("digit-1", label, s.target, 64, 1)
+                    else:
+                        for c in (8, 32):
+                            cell("fraud-1", label, s.target, c, 1)
 
     report = ratios(results, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -382,6 +389,9 @@ def ratios(results: list[Result], extra: dict) -> dict:
           _find(results, "fraud-256", "in-process ORT", 1), "rows_per_s")
     ratio("digit-1 c64: batching / no batching", _find(results, "digit-1", "DeepServe", 64),
           _find(results, "digit-1", "DeepServe, no batching", 64))
+    for c in (8, 32):
+        ratio(f"fraud-1 c{c}: metrics on / off", _find(results, "fraud-1", "DeepServe", c),
+              _find(results, "fraud-1", "DeepServe, metrics off", c))
     return out
 
 
