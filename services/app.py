@@ -88,8 +88,8 @@ class ModelReplica:
             raise RuntimeError(f"{self.runtime.name}: no ONNX Runtime session")
 
 
-async def _refresh_gauges(component: str, period_s: float = 5.0) -> None:
-    """Keep this process's descriptive gauges (info, replicas, load time, memory) exported."""
+async def _refresh_gauges(component: str, period_s: float = 1.0) -> None:
+    """Hand this process's metrics to Ray once a second (see deepserve.metrics)."""
     while True:
         metrics.get().refresh(component)
         await asyncio.sleep(period_s)

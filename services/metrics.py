@@ -6,11 +6,20 @@ one scrape endpoint per node (``deepserve serve`` sets it to port 8080). Ray pre
 names with ``ray_`` and adds process labels (``WorkerId``, ``NodeAddress``, ...): sum over
 them in queries. Names and labels are documented in docs/metrics.md.
 
+Recording is local and cheap: counters and histograms accumulate in plain Python and are
+handed to Ray once a second by :meth:`Metrics.refresh` (the gateway's readiness poll and
+each model replica's refresher call it). A call into ``ray.util.metrics`` costs microseconds
+and a request would make about ten of them: done per request, they cost a quarter of the
+fraud model's throughput (docs/benchmarks.md). Histograms are exported as cumulative
+``_bucket{le=...}``, ``_sum`` and ``_count`` series (Ray gauges; the names and PromQL are a
+Prometheus histogram's, and ``_sum`` is exact, which Ray's own histograms are not).
+
 Outside a Ray worker (unit tests, tools) every method is a no-op.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import resource
 import sys
@@ -31,6 +40,67 @@ SAMPLED_ROWS = 16
 _MODEL = ("model", "version")
 
 
+class _Counter:
+    """A counter that adds up locally; :meth:`flush` hands the increments to Ray."""
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]):
+        from ray.util.metrics import Counter
+
+        self.tag_keys = tag_keys
+        self.ray = Counter(name, description, tag_keys=tag_keys)
+        self.pending: dict[tuple, float] = {}
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        key = tuple(tags[k] for k in self.tag_keys)
+        self.pending[key] = self.pending.get(key, 0) + value
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for key, value in pending.items():
+            if value > 0:
+                self.ray.inc(value, tags=dict(zip(self.tag_keys, key)))
+
+
+class _Histogram:
+    """A histogram kept locally (cumulative bucket counts, sum, count) and exported as the
+    ``_bucket``/``_sum``/``_count`` series of a Prometheus histogram."""
+
+    def __init__(self, name: str, description: str, boundaries: list[float], tag_keys: tuple[str, ...]):
+        from ray.util.metrics import Gauge
+
+        self.tag_keys = tag_keys
+        self.bounds = list(boundaries)
+        self.les = [_le(b) for b in self.bounds] + ["+Inf"]
+        self.buckets = Gauge(f"{name}_bucket", f"{description} (cumulative count per bucket)",
+                             tag_keys=(*tag_keys, "le"))
+        self.sums = Gauge(f"{name}_sum", f"{description} (sum of observations)", tag_keys=tag_keys)
+        self.counts = Gauge(f"{name}_count", f"{description} (number of observations)", tag_keys=tag_keys)
+        self.series: dict[tuple, list] = {}  # key -> [per-bucket counts..., sum, count]
+
+    def observe(self, value: float, tags: dict[str, str]) -> None:
+        key = tuple(tags[k] for k in self.tag_keys)
+        state = self.series.get(key)
+        if state is None:
+            state = self.series[key] = [0] * (len(self.bounds) + 1) + [0.0, 0]
+        state[bisect.bisect_left(self.bounds, value)] += 1  # le is inclusive
+        state[-2] += value
+        state[-1] += 1
+
+    def flush(self) -> None:
+        for key, state in self.series.items():
+            tags = dict(zip(self.tag_keys, key))
+            cumulative = 0
+            for le, n in zip(self.les, state[:-2]):
+                cumulative += n
+                self.buckets.set(cumulative, tags={**tags, "le": le})
+            self.sums.set(state[-2], tags=tags)
+            self.counts.set(state[-1], tags=tags)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound)).rstrip("0").rstrip(".") if bound != int(bound) else f"{bound:g}"
+
+
 class Metrics:
     """The serving metrics of one process. Create with :func:`get`."""
 
@@ -39,7 +109,9 @@ class Metrics:
         self._static: list[tuple] = []  # (gauge, value, tags) set once, re-set by refresh()
         if not enabled:
             return
-        from ray.util.metrics import Counter, Gauge, Histogram
+        from ray.util.metrics import Gauge
+
+        Counter, Histogram = _Counter, _Histogram  # noqa: N806 - local aggregation, same interface
 
         self.requests = Counter(
             "deepserve_requests", "gRPC requests by model, method and status code.",
@@ -54,8 +126,7 @@ class Metrics:
             "deepserve_queue_wait_duration_seconds", "Time a request waited for its batch to start.",
             boundaries=LATENCY_BUCKETS_S, tag_keys=_MODEL)
         self.batch_requests = Histogram(
-            "deepserve_batch_size_requests", "Requests merged into one session run (distribution; Ray "
-            "approximates a histogram's _sum, so means come from the two counters below).",
+            "deepserve_batch_size_requests", "Requests merged into one session run.",
             boundaries=BATCH_BUCKETS, tag_keys=_MODEL)
         self.batch_runs = Counter("deepserve_batch_runs", "Session runs (batches).", tag_keys=_MODEL)
         self.batched_requests = Counter(
@@ -131,9 +202,13 @@ class Metrics:
             self.refresh()
 
     def refresh(self, component: str | None = None) -> None:
-        """Re-set the gauges that describe this process (Ray drops a gauge's series when it
-        goes unset for a while) and, given a component name, its resident memory."""
+        """Hand what accumulated to Ray: counters' increments, histograms' current state, and
+        the gauges that describe this process (Ray drops a gauge's series when it goes unset
+        for a while); given a component name, also its resident memory. Call once a second."""
         if self.enabled:
+            for metric in vars(self).values():
+                if isinstance(metric, (_Counter, _Histogram)):
+                    metric.flush()
             for gauge, value, tags in self._static:
                 gauge.set(value, tags=tags)
             if component is not None:

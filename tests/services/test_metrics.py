@@ -76,8 +76,9 @@ def scalar(base: str, promql: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def settled(base: str, promql: str, quiet_s: float = 2.5, timeout: float = 60.0) -> float:
-    """The value once it has stopped changing (exports and scrapes have caught up)."""
+def settled(base: str, promql: str, quiet_s: float = 5.0, timeout: float = 90.0) -> float:
+    """The value once it has stopped changing: the process flushes each second, Ray exports
+    each second (in tests) and Prometheus scrapes each second, so 5 s of quiet means caught up."""
     deadline = time.monotonic() + timeout
     value, since = scalar(base, promql), time.monotonic()
     while time.monotonic() < deadline:
