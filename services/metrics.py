@@ -50,8 +50,8 @@ class _Counter:
         self.ray = Counter(name, description, tag_keys=tag_keys)
         self.pending: dict[tuple, float] = {}
 
-    def inc(self, value: float, tags: dict[str, str]) -> None:
-        key = tuple(tags[k] for k in self.tag_keys)
+    def inc(self, value: float, key: tuple) -> None:
+        """Add ``value`` to the series whose label values, in ``tag_keys`` order, are ``key``."""
         self.pending[key] = self.pending.get(key, 0) + value
 
     def flush(self) -> None:
@@ -77,8 +77,8 @@ class _Histogram:
         self.counts = Gauge(f"{name}_count", f"{description} (number of observations)", tag_keys=tag_keys)
         self.series: dict[tuple, list] = {}  # key -> [per-bucket counts..., sum, count]
 
-    def observe(self, value: float, tags: dict[str, str]) -> None:
-        key = tuple(tags[k] for k in self.tag_keys)
+    def observe(self, value: float, key: tuple) -> None:
+        """Record ``value`` in the series whose label values, in ``tag_keys`` order, are ``key``."""
         state = self.series.get(key)
         if state is None:
             state = self.series[key] = [0] * (len(self.bounds) + 1) + [0.0, 0]
@@ -167,21 +167,20 @@ class Metrics:
 
     def request(self, model: str, version: str, method: str, code: str, seconds: float) -> None:
         if self.enabled:
-            tags = {"model": model, "version": version, "method": method}
-            self.request_seconds.observe(seconds, tags=tags)
-            self.requests.inc(1, tags={**tags, "code": code})
+            self.request_seconds.observe(seconds, (model, version, method))
+            self.requests.inc(1, (model, version, method, code))
 
     def batch(self, model: str, version: str, requests: int, rows: int, seconds: float,
               waits: Iterable[float] = ()) -> None:
         if self.enabled:
-            tags = {"model": model, "version": version}
-            self.compute_seconds.observe(seconds, tags=tags)
-            self.batch_requests.observe(requests, tags=tags)
-            self.batch_runs.inc(1, tags=tags)
-            self.batched_requests.inc(requests, tags=tags)
-            self.rows.inc(rows, tags=tags)
+            key = (model, version)
+            self.compute_seconds.observe(seconds, key)
+            self.batch_requests.observe(requests, key)
+            self.batch_runs.inc(1, key)
+            self.batched_requests.inc(requests, key)
+            self.rows.inc(rows, key)
             for wait in waits:
-                self.queue_seconds.observe(wait, tags=tags)
+                self.queue_seconds.observe(wait, key)
 
     def set_in_flight(self, model: str, version: str, value: int) -> None:
         if self.enabled:
@@ -217,19 +216,21 @@ class Metrics:
     def fraud(self, model: str, version: str, scores: np.ndarray, threshold: float) -> None:
         """Rows scored, rows above the model's own ``threshold``, a sample of scores."""
         if self.enabled:
-            tags = {"model": model, "version": version}
-            self.scored_rows.inc(len(scores), tags=tags)
-            flagged = int(np.count_nonzero(scores > threshold))
+            key = (model, version)
+            self.scored_rows.inc(len(scores), key)
+            sample = scores[:SAMPLED_ROWS].tolist()
+            flagged = sum(s > threshold for s in sample) if len(scores) <= SAMPLED_ROWS else \
+                int(np.count_nonzero(scores > threshold))
             if flagged:
-                self.flagged_rows.inc(flagged, tags=tags)
-            for s in scores[:SAMPLED_ROWS]:
-                self.fraud_score.observe(float(s), tags=tags)
+                self.flagged_rows.inc(flagged, key)
+            for s in sample:
+                self.fraud_score.observe(s, key)
 
     def classified(self, model: str, version: str, probabilities: np.ndarray) -> None:
         if self.enabled:
-            tags = {"model": model, "version": version}
-            for p in probabilities[:SAMPLED_ROWS].max(axis=1):
-                self.confidence.observe(float(p), tags=tags)
+            key = (model, version)
+            for p in probabilities[:SAMPLED_ROWS].max(axis=1).tolist():
+                self.confidence.observe(p, key)
 
 
 def _resident_bytes() -> int:
