@@ -126,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
         ray.init(address=args.address, namespace="deepserve")
     else:  # an embedded single-node cluster, sized for a laptop or a small VM
         # Ray's metrics agent serves every process's metrics, ours included, on this port.
-        ray.init(namespace="deepserve", include_dashboard=False,
+        ray.init(address="local", namespace="deepserve", include_dashboard=False,  # a new cluster, always
                  object_store_memory=args.object_store_mb * 1024 * 1024,
                  _metrics_export_port=metrics_port)
     serve.start(proxy_location="Disabled")

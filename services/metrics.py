@@ -36,6 +36,7 @@ SCORE_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.
 # Output-health histograms observe at most this many rows of a request: a 256-row batch
 # must not pay 256 observations. Counters (rows, flagged) stay exact.
 SAMPLED_ROWS = 16
+KEEPALIVE_TICKS = 5  # refreshes between re-sending unchanged histogram series
 
 _MODEL = ("model", "version")
 
@@ -76,6 +77,7 @@ class _Histogram:
         self.sums = Gauge(f"{name}_sum", f"{description} (sum of observations)", tag_keys=tag_keys)
         self.counts = Gauge(f"{name}_count", f"{description} (number of observations)", tag_keys=tag_keys)
         self.series: dict[tuple, list] = {}  # key -> [per-bucket counts..., sum, count]
+        self.flushed: dict[tuple, int] = {}  # key -> count at the last flush
 
     def observe(self, value: float, key: tuple) -> None:
         """Record ``value`` in the series whose label values, in ``tag_keys`` order, are ``key``."""
@@ -86,8 +88,13 @@ class _Histogram:
         state[-2] += value
         state[-1] += 1
 
-    def flush(self) -> None:
+    def flush(self, everything: bool) -> None:
+        """Export the series that changed since the last flush (all of them when ``everything``:
+        Ray forgets a gauge left unset for long, so unchanged series are re-sent now and then)."""
         for key, state in self.series.items():
+            if not everything and self.flushed.get(key) == state[-1]:
+                continue
+            self.flushed[key] = state[-1]
             tags = dict(zip(self.tag_keys, key))
             cumulative = 0
             for le, n in zip(self.les, state[:-2]):
@@ -107,6 +114,7 @@ class Metrics:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._static: list[tuple] = []  # (gauge, value, tags) set once, re-set by refresh()
+        self._ticks = 0
         if not enabled:
             return
         from ray.util.metrics import Gauge
@@ -205,9 +213,13 @@ class Metrics:
         the gauges that describe this process (Ray drops a gauge's series when it goes unset
         for a while); given a component name, also its resident memory. Call once a second."""
         if self.enabled:
+            self._ticks += 1
+            everything = self._ticks % KEEPALIVE_TICKS == 1
             for metric in vars(self).values():
-                if isinstance(metric, (_Counter, _Histogram)):
+                if isinstance(metric, _Counter):
                     metric.flush()
+                elif isinstance(metric, _Histogram):
+                    metric.flush(everything)
             for gauge, value, tags in self._static:
                 gauge.set(value, tags=tags)
             if component is not None:

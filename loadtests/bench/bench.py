@@ -242,6 +242,40 @@ def deepserve_config(tmp: Path, batching_enabled: bool) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------- metrics cost
+
+
+def metrics_cost(repo: Path, tmp: Path, payload: bytes, rounds: int = 6, slice_s: float = 3.0) -> dict:
+    """Fraud scoring with metrics on and off, both servers up at once, load alternating
+    between them in short slices: drift on a shared machine hits both alike."""
+    print("DeepServe, metrics on vs off (interleaved)")
+    servers = []
+    for metrics in ("1", "0"):
+        port = free_port()
+        cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repo", str(repo), "--port", str(port),
+               "--metrics-port", str(free_port()), "--config", str(deepserve_config(tmp, True)),
+               "--models", "fraud-autoencoder"]
+        servers.append(Server(f"deepserve-metrics-{metrics}", cmd, port, {"DEEPSERVE_METRICS": metrics}))
+    out: dict[str, float] = {}
+    try:
+        for s in servers:
+            s.__enter__()
+        for c in (8, 32):
+            done = {"on": 0, "off": 0}
+            for _ in range(rounds):
+                for name, s in zip(("on", "off"), servers):
+                    latencies, _ = drive(s.target, payload, c, slice_s, warmup=0.5)
+                    done[name] += len(latencies)
+            for name in done:
+                out[f"metrics_{name}_c{c}_req_s"] = done[name] / (rounds * slice_s)
+            print(f"  fraud-1 c={c}: on {out[f'metrics_on_c{c}_req_s']:.0f} req/s, "
+                  f"off {out[f'metrics_off_c{c}_req_s']:.0f} req/s", flush=True)
+    finally:
+        for s in servers:
+            s.__exit__()
+    return out
+
+
 # ---------------------------------------------------------------------------- in-process limit
 
 
@@ -272,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo", type=Path, default=PROJECT / "model-repository")
     p.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell")
     p.add_argument("--out", type=Path, default=PROJECT / "reports" / "bench")
-    p.add_argument("--skip", nargs="*", default=[], choices=["bare", "kserve", "deepserve"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["bare", "kserve", "deepserve", "metrics"])
     args = p.parse_args(argv)
 
     from deepserve.repository import ModelRepository
@@ -330,31 +364,23 @@ def main(argv: list[str] | None = None) -> int:
     if "deepserve" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
             # (label, batching, metrics): the last two runs measure what batching and metrics give and cost.
-            # Metrics off sits between two metrics-on runs, so that drift on a shared machine
-            # does not pass for the metrics' cost.
-            for label, batching, metrics in (("DeepServe", True, True), ("DeepServe, no batching", False, True),
-                                             ("DeepServe, metrics off", True, False),
-                                             ("DeepServe, metrics on again", True, True)):
+            for label, batching in (("DeepServe", True), ("DeepServe, no batching", False)):
                 print(label)
                 port = free_port()
                 cmd = [py, "-m", "deepserve.cli", "serve", "--repo", str(args.repo), "--port", str(port),
                        "--metrics-port", str(free_port()), "--config", str(deepserve_config(Path(tmp), batching)),
                        "--models", "fraud-autoencoder", "digit-classifier"]
-                env = {"DEEPSERVE_METRICS": "1" if metrics else "0"}
-                with Server("deepserve", cmd, port, env) as s:
-                    if label == "DeepServe":
+                with Server("deepserve", cmd, port) as s:
+                    if batching:
                         extra["cold_start_to_ready_s"] = s.ready_s
                         for workload, c, rows in fraud_cells:
                             cell(workload, label, s.target, c, rows)
                         extra["stack_pss_mb_after_load"] = tree_pss_mb(s.proc.pid)
                         print(f"  cold start to ready {s.ready_s:.1f} s; whole stack PSS "
                               f"{extra['stack_pss_mb_after_load']:.0f} MB")
-                        cell("digit-1", label, s.target, 64, 1)
-                    elif not batching:
-                        cell("digit-1", label, s.target, 64, 1)
-                    else:
-                        for c in (8, 32):
-                            cell("fraud-1", label, s.target, c, 1)
+                    cell("digit-1", label, s.target, 64, 1)
+            if "metrics" not in args.skip:
+                extra.update(metrics_cost(args.repo, Path(tmp), payload["fraud-1"]))
 
     report = ratios(results, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,12 +419,9 @@ def ratios(results: list[Result], extra: dict) -> dict:
     ratio("digit-1 c64: batching / no batching", _find(results, "digit-1", "DeepServe", 64),
           _find(results, "digit-1", "DeepServe, no batching", 64))
     for c in (8, 32):
-        on = [r for r in (_find(results, "fraud-1", "DeepServe", c),
-                          _find(results, "fraud-1", "DeepServe, metrics on again", c)) if r]
-        off = _find(results, "fraud-1", "DeepServe, metrics off", c)
-        if on and off:
-            out[f"fraud-1 c{c}: metrics on (mean of the runs around) / off"] = (
-                sum(r.requests_per_s for r in on) / len(on) / off.requests_per_s)
+        if f"metrics_on_c{c}_req_s" in extra:
+            out[f"fraud-1 c{c}: metrics on / off (interleaved)"] = (
+                extra[f"metrics_on_c{c}_req_s"] / extra[f"metrics_off_c{c}_req_s"])
     return out
 
 
