@@ -9,8 +9,8 @@ them in queries. Names and labels are documented in docs/metrics.md.
 Recording is local and cheap: counters and histograms accumulate in plain Python and are
 handed to Ray once a second by :meth:`Metrics.refresh` (the gateway's readiness poll and
 each model replica's refresher call it). A call into ``ray.util.metrics`` costs microseconds
-and a request would make about ten of them: done per request, they cost a quarter of the
-fraud model's throughput (docs/benchmarks.md). Histograms are exported as cumulative
+and a request would make about ten of them: done per request, they cost 9% of the fraud
+model's throughput (docs/benchmarks.md). Histograms are exported as cumulative
 ``_bucket{le=...}``, ``_sum`` and ``_count`` series (Ray gauges; the names and PromQL are a
 Prometheus histogram's, and ``_sum`` is exact, which Ray's own histograms are not).
 
