@@ -245,35 +245,37 @@ def deepserve_config(tmp: Path, batching_enabled: bool) -> Path:
 # ---------------------------------------------------------------------------- metrics cost
 
 
-def metrics_cost(repo: Path, tmp: Path, payload: bytes, rounds: int = 6, slice_s: float = 3.0) -> dict:
-    """Fraud scoring with metrics on and off, both servers up at once, load alternating
-    between them in short slices: drift on a shared machine hits both alike."""
-    print("DeepServe, metrics on vs off (interleaved)")
-    servers = []
-    for metrics in ("1", "0"):
-        port = free_port()
-        cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repo", str(repo), "--port", str(port),
-               "--metrics-port", str(free_port()), "--config", str(deepserve_config(tmp, True)),
-               "--models", "fraud-autoencoder"]
-        servers.append(Server(f"deepserve-metrics-{metrics}", cmd, port, {"DEEPSERVE_METRICS": metrics}))
+def interleaved(servers: dict[str, "Server"], payload: bytes, concurrencies=(8, 32), rounds: int = 5,
+                slice_s: float = 3.0) -> dict[str, float]:
+    """req/s of several servers that are all up at once, the load alternating between them in
+    short slices: drift on a shared machine hits them alike, so their ratios hold."""
     out: dict[str, float] = {}
+    for s in servers.values():
+        s.__enter__()
     try:
-        for s in servers:
-            s.__enter__()
-        for c in (8, 32):
-            done = {"on": 0, "off": 0}
+        for c in concurrencies:
+            done = dict.fromkeys(servers, 0)
             for _ in range(rounds):
-                for name, s in zip(("on", "off"), servers):
+                for name, s in servers.items():
                     latencies, _ = drive(s.target, payload, c, slice_s, warmup=0.5)
                     done[name] += len(latencies)
-            for name in done:
-                out[f"metrics_{name}_c{c}_req_s"] = done[name] / (rounds * slice_s)
-            print(f"  fraud-1 c={c}: on {out[f'metrics_on_c{c}_req_s']:.0f} req/s, "
-                  f"off {out[f'metrics_off_c{c}_req_s']:.0f} req/s", flush=True)
+            line = []
+            for name in servers:
+                out[f"{name}_c{c}_req_s"] = done[name] / (rounds * slice_s)
+                line.append(f"{name} {out[f'{name}_c{c}_req_s']:.0f}")
+            print(f"  fraud-1 c={c}: " + ", ".join(line) + " req/s", flush=True)
     finally:
-        for s in servers:
+        for s in servers.values():
             s.__exit__()
     return out
+
+
+def deepserve_server(repo: Path, tmp: Path, metrics: bool = True) -> "Server":
+    port = free_port()
+    cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repo", str(repo), "--port", str(port),
+           "--metrics-port", str(free_port()), "--config", str(deepserve_config(tmp, True)),
+           "--models", "fraud-autoencoder"]
+    return Server("deepserve", cmd, port, {"DEEPSERVE_METRICS": "1" if metrics else "0"})
 
 
 # ---------------------------------------------------------------------------- in-process limit
@@ -380,7 +382,17 @@ def main(argv: list[str] | None = None) -> int:
                               f"{extra['stack_pss_mb_after_load']:.0f} MB")
                     cell("digit-1", label, s.target, 64, 1)
             if "metrics" not in args.skip:
-                extra.update(metrics_cost(args.repo, Path(tmp), payload["fraud-1"]))
+                print("DeepServe with metrics on and off, interleaved")
+                extra.update(interleaved({"metrics_on": deepserve_server(args.repo, Path(tmp)),
+                                          "metrics_off": deepserve_server(args.repo, Path(tmp), metrics=False)},
+                                         payload["fraud-1"]))
+            if "kserve" not in args.skip and KSERVE_PYTHON.exists():
+                print("DeepServe and KServe, interleaved")
+                port = free_port()
+                kserve = Server("kserve", [str(KSERVE_PYTHON), "loadtests/bench/kserve_server.py", str(fraud_path),
+                                           "fraud-autoencoder", str(port)], port)
+                extra.update(interleaved({"deepserve": deepserve_server(args.repo, Path(tmp)), "kserve": kserve},
+                                         payload["fraud-1"]))
 
     report = ratios(results, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -419,9 +431,10 @@ def ratios(results: list[Result], extra: dict) -> dict:
     ratio("digit-1 c64: batching / no batching", _find(results, "digit-1", "DeepServe", 64),
           _find(results, "digit-1", "DeepServe, no batching", 64))
     for c in (8, 32):
-        if f"metrics_on_c{c}_req_s" in extra:
-            out[f"fraud-1 c{c}: metrics on / off (interleaved)"] = (
-                extra[f"metrics_on_c{c}_req_s"] / extra[f"metrics_off_c{c}_req_s"])
+        for a, b, label in (("metrics_on", "metrics_off", "metrics on / off"),
+                            ("deepserve", "kserve", "DeepServe / KServe")):
+            if f"{a}_c{c}_req_s" in extra and f"{b}_c{c}_req_s" in extra:
+                out[f"fraud-1 c{c}: {label} (interleaved)"] = extra[f"{a}_c{c}_req_s"] / extra[f"{b}_c{c}_req_s"]
     return out
 
 
