@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,15 +55,13 @@ class BatchStats:
     runs: int = 0
     requests: int = 0
     rows: int = 0
-    largest: int = 0
-    sizes: dict[int, int] = field(default_factory=dict)  # requests per run -> how many runs
+    largest: int = 0  # the distribution is in the batch-size histogram (deepserve.metrics)
 
     def record(self, requests: int, rows: int) -> None:
         self.runs += 1
         self.requests += requests
         self.rows += rows
         self.largest = max(self.largest, requests)
-        self.sizes[requests] = self.sizes.get(requests, 0) + 1
 
 
 class BatchingBackend:

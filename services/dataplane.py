@@ -56,7 +56,6 @@ class DataPlane:
         self.models = {m.runtime.name: m for m in models}
         self.default_timeout_s = default_timeout_s
         self.requests_total = 0  # inference requests that reached a model (for autoscaling)
-        self.in_flight = 0
         self.metrics = metrics.get()
 
     # ------------------------------------------------------------------ health
@@ -81,6 +80,11 @@ class DataPlane:
                 f"model '{name}' version '{version}' is not served; served version: {model.runtime.version}"
             )
         return model
+
+    @property
+    def in_flight(self) -> int:
+        """Inference requests inside this dataplane now, over all models."""
+        return sum(m.in_flight for m in self.models.values())
 
     def labels(self, name: str | None) -> tuple[str, str]:
         """Metric labels (model, version) for a request: ``None`` for server-level calls, a
@@ -128,12 +132,10 @@ class DataPlane:
             raise ModelNotReady(f"model '{model.runtime.name}' has no ready replica yet; retry shortly")
         model.runtime.validate(inputs)
         self.requests_total += 1
-        self.in_flight += 1
         model.in_flight += 1
         try:
             return await model.backend.infer(inputs, self._timeout(remaining))
         finally:
-            self.in_flight -= 1
             model.in_flight -= 1
 
     def publish_gauges(self) -> None:

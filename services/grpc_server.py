@@ -28,6 +28,9 @@ from deepserve.proto import inference_pb2_grpc as oip_grpc
 
 log = logging.getLogger(__name__)
 
+# The batching figures a model's replica report carries into ListModels.
+BATCHING_FIELDS = ("batch_runs", "batched_requests", "largest_batch", "in_flight", "threaded")
+
 
 def _handled(model_field: str | None = None, default_model: str = ""):
     """Decorate an RPC: errors become status codes (INTERNAL ones are logged), and every
@@ -204,8 +207,6 @@ class ModelsServicer(_Servicer, v1_grpc.ModelsServicer):
 
 # ---------------------------------------------------------------------------- server
 
-
-BATCHING_FIELDS = ("batch_runs", "batched_requests", "largest_batch", "in_flight", "threaded")
 
 SERVICE_NAMES = (
     "inference.GRPCInferenceService",
