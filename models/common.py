@@ -95,10 +95,22 @@ class ExportSpec:
     threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     write_card: Callable[[Path, Manifest], None] | None = None  # writes card.md + PNGs
+    # Per tensor, its dynamic axes beyond the default (axis 0, "batch", on every input and
+    # output), e.g. {"neighbors": {0: "batch", 1: "neighbors"}}; -1 in the manifest shape.
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    # Figures computed on the exported graph itself (ONNX bytes, the manifest so far);
+    # merged into the manifest's metrics before the card is written.
+    evaluate: Callable[[bytes, Manifest], dict[str, Any]] | None = None
+
+    def axes(self) -> dict[str, dict[int, str]]:
+        """Every input's and output's dynamic axes, as torch.onnx.export takes them."""
+        axes = {n: {0: "batch"} for n in self.input_names + self.output_names}
+        for name, extra_axes in (self.dynamic_axes or {}).items():
+            axes[name] = {**axes.get(name, {}), **extra_axes}
+        return axes
 
 
 def _onnx_bytes(spec: ExportSpec) -> bytes:
-    dynamic_axes = {n: {0: "batch"} for n in spec.input_names + spec.output_names}
     buffer = io.BytesIO()
     # The TorchScript-based exporter: deterministic output and exact dynamic batch axes
     # for the small graphs here.
@@ -108,7 +120,7 @@ def _onnx_bytes(spec: ExportSpec) -> bytes:
         buffer,
         input_names=spec.input_names,
         output_names=spec.output_names,
-        dynamic_axes=dynamic_axes,
+        dynamic_axes=spec.axes(),
         opset_version=ONNX_OPSET,
         dynamo=False,
     )
@@ -151,12 +163,13 @@ def check_parity(spec: ExportSpec, onnx_bytes: bytes) -> float:
     return worst
 
 
-def _tensor_specs(names: list[str], tensors, descriptions: dict[str, str]) -> list[TensorSpec]:
+def _tensor_specs(names: list[str], tensors, descriptions: dict[str, str],
+                  axes: dict[str, dict[int, str]]) -> list[TensorSpec]:
     return [
         TensorSpec(
             name=n,
             datatype=_TORCH_TO_OIP[t.dtype],
-            shape=[-1, *t.shape[1:]],
+            shape=[-1 if i in axes.get(n, {0: "batch"}) else d for i, d in enumerate(t.shape)],
             description=descriptions.get(n, ""),
         )
         for n, t in zip(names, tensors)
@@ -188,8 +201,8 @@ def export_and_publish(spec: ExportSpec, repo: Path, version: str | None = None)
         version=version,
         kind=spec.kind,
         sha256=sha256_file(model_path),
-        inputs=_tensor_specs(spec.input_names, spec.example_inputs, spec.descriptions),
-        outputs=_tensor_specs(spec.output_names, outputs, spec.descriptions),
+        inputs=_tensor_specs(spec.input_names, spec.example_inputs, spec.descriptions, spec.axes()),
+        outputs=_tensor_specs(spec.output_names, outputs, spec.descriptions, spec.axes()),
         preprocessing=spec.preprocessing,
         training_data=spec.training_data,
         metrics={**spec.metrics, "onnx_parity_max_diff": parity},
@@ -204,6 +217,8 @@ def export_and_publish(spec: ExportSpec, repo: Path, version: str | None = None)
             "onnx_version": onnx.__version__,
         },
     )
+    if spec.evaluate is not None:
+        manifest.metrics.update(spec.evaluate(onnx_bytes, manifest))
     if spec.write_card is not None:
         spec.write_card(directory, manifest)
     # The manifest goes last: a version directory without one is not a version yet.

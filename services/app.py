@@ -19,6 +19,7 @@ both placements batch concurrent requests with :class:`~deepserve.batching.Batch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -36,7 +37,8 @@ from deepserve.dataplane import DataPlane, ServedModel
 from deepserve.errors import DeadlineExceeded, DeepServeError, ModelNotReady, Overloaded
 from deepserve.grpc_server import GrpcServer
 from deepserve.repository import ModelRepository
-from deepserve.runtime import runtime_for
+from deepserve.generation import StepBatcher
+from deepserve.runtime import GenerationRequest, GenerationResult, GenerativeRuntime, runtime_for
 from deepserve.settings import Settings
 
 log = logging.getLogger("deepserve")
@@ -46,6 +48,14 @@ QUIET = LoggingConfig(enable_access_log=False, log_level="WARNING")
 
 
 # ---------------------------------------------------------------------------- model replicas
+
+
+def _backend_for(runtime, batching: dict[str, Any]):
+    """Generators batch step by step (:class:`StepBatcher`); the others request by request."""
+    config = BatchingConfig.from_dict(batching)
+    if isinstance(runtime, GenerativeRuntime):
+        return StepBatcher(runtime, config)
+    return BatchingBackend(runtime, config)
 
 
 def _load_runtime(repository: str, name: str, version: str, max_rows: int, placement: str):
@@ -72,13 +82,19 @@ class ModelReplica:
 
     async def __init__(self, repository: str, name: str, version: str, max_rows: int, batching: dict[str, Any]):
         self.runtime = _load_runtime(repository, name, version, max_rows, "deployment")
-        self.backend = BatchingBackend(self.runtime, BatchingConfig.from_dict(batching))
+        self.backend = _backend_for(self.runtime, batching)
         self.pid = os.getpid()
         self.gauges = asyncio.get_running_loop().create_task(_refresh_gauges(f"replica:{name}"))
 
     async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # The gateway enforces the client's deadline; this bound only stops runaway work.
         return await self.backend.infer(inputs, timeout=300.0)
+
+    async def generate(self, request: GenerationRequest):
+        """Generators: streams progress, then the result (the gateway calls it with
+        ``stream=True``; cancelling that call ends this generator, and the job with it)."""
+        async for event in self.backend.generate(request, timeout=300.0):
+            yield event
 
     async def info(self) -> dict[str, Any]:
         return {**await self.backend.info(), "pid": self.pid}
@@ -104,11 +120,18 @@ class RayBackend:
 
     async def _call(self, method: str, timeout: float, *args):
         response = getattr(self.handle, method).remote(*args)
+        with self._errors():
+            try:
+                return await asyncio.wait_for(_await(response), timeout)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise DeadlineExceeded(f"model '{self.name}' did not answer within the deadline") from None
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """Ray's and Serve's exceptions as ours."""
         try:
-            return await asyncio.wait_for(_await(response), timeout)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise DeadlineExceeded(f"model '{self.name}' did not answer within the deadline") from None
+            yield
         except BackPressureError:
             raise Overloaded(f"model '{self.name}' is overloaded: its request queue is full; retry with backoff") from None
         except (RayActorError, DeploymentUnavailableError):
@@ -118,6 +141,26 @@ class RayBackend:
                 raise exc.cause from None
             log.error("model %s replica failed: %s", self.name, exc)
             raise RuntimeError(f"model '{self.name}' replica failed") from None
+
+    async def generate(self, request: GenerationRequest, timeout: float):
+        """Streams the replica's events; closing this generator cancels the replica's."""
+        stream = self.handle.options(stream=True).generate.remote(request)
+        deadline = time.monotonic() + timeout
+        finished = False
+        try:
+            with self._errors():
+                while not finished:
+                    try:
+                        event = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0.0))
+                    except StopAsyncIteration:
+                        raise RuntimeError(f"model '{self.name}': the stream ended without a result") from None
+                    except asyncio.TimeoutError:
+                        raise DeadlineExceeded(f"model '{self.name}' did not finish within the deadline") from None
+                    finished = isinstance(event, GenerationResult)
+                    yield event
+        finally:
+            if not finished:
+                stream.cancel()
 
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
         return await self._call("infer", timeout, inputs)
@@ -151,7 +194,7 @@ class Gateway:
         for name, entry in plan.items():
             if entry["placement"] == "gateway":
                 runtime = _load_runtime(repository, name, entry["version"], settings.max_rows_per_request, "gateway")
-                backend = BatchingBackend(runtime, BatchingConfig.from_dict(entry["batching"]))
+                backend = _backend_for(runtime, entry["batching"])
             else:
                 runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request)
                 backend = RayBackend(name, handles[name])

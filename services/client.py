@@ -29,6 +29,8 @@ class DeepServeClient:
         self.fraud = v1_grpc.FraudScoringStub(self.channel)
         self.classifier = v1_grpc.ClassifierStub(self.channel)
         self.models = v1_grpc.ModelsStub(self.channel)
+        self.generator = v1_grpc.GeneratorStub(self.channel)
+        self.recommender = v1_grpc.RecommenderStub(self.channel)
         self.inference = oip_grpc.GRPCInferenceServiceStub(self.channel)
 
     def __enter__(self) -> "DeepServeClient":
@@ -83,6 +85,52 @@ class DeepServeClient:
         return self.classifier.Classify(
             v1.ClassifyRequest(model=model, images=items, top_k=top_k), timeout=self.timeout
         )
+
+    @staticmethod
+    def generate_request(
+        model: str = "",
+        label: int | None = None,
+        count: int = 1,
+        seed: int | None = None,
+        steps: int = 0,
+        guidance: float | None = None,
+        sampler: str = "",
+        preview_every: int = 0,
+    ) -> v1.GenerateRequest:
+        """A GenerateRequest; ``None`` and 0 leave an option to the model's default."""
+        request = v1.GenerateRequest(model=model, count=count, steps=steps, sampler=sampler,
+                                     preview_every=preview_every)
+        if label is not None:
+            request.label = label
+        if seed is not None:
+            request.seed = seed
+        if guidance is not None:
+            request.guidance = guidance
+        return request
+
+    def generate(self, label: int | None = None, count: int = 1, seed: int | None = None, **options) -> v1.GenerateResponse:
+        """Generate ``count`` images of class ``label`` (options: model, steps, guidance, sampler)."""
+        request = self.generate_request(label=label, count=count, seed=seed, **options)
+        return self.generator.Generate(request, timeout=self.timeout)
+
+    def generate_stream(self, label: int | None = None, count: int = 1, seed: int | None = None, **options):
+        """The GenerateStream call: iterate it for events; ``.cancel()`` stops the request."""
+        request = self.generate_request(label=label, count=count, seed=seed, **options)
+        return self.generator.GenerateStream(request, timeout=self.timeout)
+
+    def recommend(
+        self,
+        user: int | None = None,
+        neighbors: Sequence[int] = (),
+        k: int = 10,
+        exclude_known: bool = True,
+        model: str = "",
+    ) -> v1.RecommendResponse:
+        """Top-k users for a known ``user``, or for a new user from its ``neighbors``."""
+        request = v1.RecommendRequest(model=model, neighbors=list(neighbors), k=k, exclude_known=exclude_known)
+        if user is not None:
+            request.user = user
+        return self.recommender.Recommend(request, timeout=self.timeout)
 
     def list_models(self) -> v1.ListModelsResponse:
         return self.models.ListModels(v1.ListModelsRequest(), timeout=self.timeout)

@@ -12,13 +12,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 import numpy as np
 
 from deepserve import __version__, metrics
 from deepserve.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
-from deepserve.runtime import AnomalyResult, AnomalyRuntime, ClassifierRuntime, Runtime
+from deepserve.runtime import (
+    AnomalyResult,
+    AnomalyRuntime,
+    ClassifierRuntime,
+    GenerationProgress,
+    GenerationResult,
+    GenerativeRuntime,
+    Recommendation,
+    RecommenderRuntime,
+    Runtime,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,9 @@ class Backend(Protocol):
 
     async def info(self, timeout: float) -> dict[str, Any]:
         """A replica's report: at least ``provider`` and ``load_seconds``."""
+
+    def generate(self, request, timeout: float) -> AsyncIterator[GenerationProgress | GenerationResult]:
+        """Generators only: progress per step, then the result."""
 
 
 @dataclass
@@ -159,7 +172,13 @@ class DataPlane:
         unknown = [n for n in requested_outputs or [] if n not in served]
         if unknown:
             raise InvalidInput(f"model '{name}' has no output(s) {unknown}; outputs: {sorted(served)}")
-        outputs = model.runtime.postprocess(await self._run(model, inputs, remaining), parameters or {})
+        if isinstance(model.runtime, GenerativeRuntime):
+            request = model.runtime.request_from_tensors(inputs, parameters or {})
+            events = [e async for e in self._stream(model, request, remaining)]
+            outputs = model.runtime.encode(events[-1])  # progress, ..., the result
+        else:
+            graph_inputs = model.runtime.preprocess(inputs, parameters or {})
+            outputs = model.runtime.postprocess(await self._run(model, graph_inputs, remaining), parameters or {})
         self._observe_outputs(model, outputs)
         if requested_outputs:
             outputs = {n: outputs[n] for n in requested_outputs}
@@ -219,6 +238,70 @@ class DataPlane:
         outputs = await self._run(model, {runtime.manifest.inputs[0].name: batch}, remaining)
         self.metrics.classified(runtime.name, runtime.version, outputs["probabilities"])
         return model, runtime.top_k(outputs["probabilities"], k)
+
+    async def recommend(
+        self,
+        name: str,
+        version: str,
+        user: int | None,
+        neighbors: list[int],
+        k: int,
+        exclude_known: bool,
+        remaining: float | None = None,
+    ) -> tuple[ServedModel, Recommendation]:
+        """Top-k users for ``user`` (an id in the graph), or for a new user from ``neighbors``."""
+        model = self.get(name or "graph-recommender", version)
+        runtime = model.runtime
+        if not isinstance(runtime, RecommenderRuntime):
+            raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a recommender")
+        k = runtime.resolve_k(k)
+        unique = list(dict.fromkeys(neighbors))
+        if any(n < 0 for n in unique):
+            raise InvalidInput(f"neighbors: ids are >= 0, got {min(unique)}")
+        # Pad to a power of two: requests of similar size share a batch (same shape).
+        width = 1 << max(len(unique) - 1, 0).bit_length()
+        padded = np.full((1, width), -1, dtype=np.int64)
+        padded[0, : len(unique)] = unique
+        users = np.array([-1 if user is None else user], dtype=np.int64)
+        graph_inputs = runtime.graph_inputs(users, padded, np.array([exclude_known]))
+        outputs = await self._run(model, graph_inputs, remaining)
+        return model, runtime.recommendations(graph_inputs, outputs, k)[0]
+
+    def generate(
+        self,
+        name: str,
+        version: str,
+        labels: np.ndarray,
+        seed: int | None,
+        steps: int | None,
+        guidance: float | None,
+        sampler: str | None,
+        preview_every: int = 0,
+        remaining: float | None = None,
+    ) -> tuple[ServedModel, AsyncIterator[GenerationProgress | GenerationResult]]:
+        """Image generation: the validated request's events (progress per step, then the result).
+
+        Validation errors raise here, before the stream starts.
+        """
+        model = self.get(name or "digit-diffusion", version)
+        runtime = model.runtime
+        if not isinstance(runtime, GenerativeRuntime):
+            raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a generator")
+        request = runtime.request(labels, seed, steps, guidance, sampler, preview_every)
+        if not model.ready:
+            raise ModelNotReady(f"model '{runtime.name}' has no ready replica yet; retry shortly")
+        return model, self._stream(model, request, remaining)
+
+    async def _stream(self, model: ServedModel, request, remaining: float | None):
+        if not model.ready:
+            raise ModelNotReady(f"model '{model.runtime.name}' has no ready replica yet; retry shortly")
+        self.requests_total += 1
+        model.in_flight += 1
+        try:
+            async for event in model.backend.generate(request, self._timeout(remaining)):
+                yield event
+        finally:
+            model.in_flight -= 1
 
     def _observe_outputs(self, model: ServedModel, outputs: dict[str, np.ndarray]) -> None:
         """Model-output health for Open Inference Protocol calls, as for the typed APIs."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from deepserve import codec, metrics
 from deepserve.dataplane import PLATFORM, DataPlane
 from deepserve.errors import InvalidInput, to_status
+from deepserve.runtime import GenerationResult, GenerativeRuntime, RecommenderRuntime, png_bytes
 from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
 from deepserve.proto import inference_pb2 as oip
@@ -33,8 +35,9 @@ BATCHING_FIELDS = ("batch_runs", "batched_requests", "largest_batch", "in_flight
 
 
 def _handled(model_field: str | None = None, default_model: str = ""):
-    """Decorate an RPC: errors become status codes (INTERNAL ones are logged), and every
-    call is counted and timed by model, method and code.
+    """Decorate an RPC (a coroutine, or an async generator for server streaming): errors
+    become status codes (INTERNAL ones are logged), and every call is counted and timed by
+    model, method and code.
 
     Args:
         model_field: the request field naming the model (None for server-level RPCs).
@@ -44,25 +47,49 @@ def _handled(model_field: str | None = None, default_model: str = ""):
     def decorate(method):
         rpc = method.__name__
 
+        async def fail(context, exc: Exception) -> str:
+            status, message = to_status(exc)
+            if status == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", rpc)
+            await context.abort(status, message)
+            return status.name  # not reached: abort raises
+
+        def record(self, request, code: str, started: float) -> None:
+            name = (getattr(request, model_field) or default_model) if model_field else None
+            model, version = self.dataplane.labels(name)
+            self.metrics.request(model, version, rpc, code, time.perf_counter() - started)
+
+        if inspect.isasyncgenfunction(method):
+            @functools.wraps(method)
+            async def stream_wrapper(self, request, context):
+                started, code = time.perf_counter(), "OK"
+                try:
+                    async for message in method(self, request, context):
+                        yield message
+                except asyncio.CancelledError:  # the client cancelled or went away
+                    code = "CANCELLED"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
+                    code = to_status(exc)[0].name
+                    await fail(context, exc)
+                finally:
+                    record(self, request, code, started)
+
+            return stream_wrapper
+
         @functools.wraps(method)
         async def wrapper(self, request, context):
-            started = time.perf_counter()
-            code = "OK"
+            started, code = time.perf_counter(), "OK"
             try:
                 return await method(self, request, context)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
-                status, message = to_status(exc)
-                code = status.name
-                if status == grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed", rpc)
-                await context.abort(status, message)
+                code = to_status(exc)[0].name
+                await fail(context, exc)
             finally:
-                name = (getattr(request, model_field) or default_model) if model_field else None
-                model, version = self.dataplane.labels(name)
-                self.metrics.request(model, version, rpc, code, time.perf_counter() - started)
+                record(self, request, code, started)
 
         return wrapper
 
@@ -187,6 +214,74 @@ class ClassifierServicer(_Servicer, v1_grpc.ClassifierServicer):
         )
 
 
+class RecommenderServicer(_Servicer, v1_grpc.RecommenderServicer):
+    @_handled("model", "graph-recommender")
+    async def Recommend(self, request, context):
+        if len(request.neighbors) > RecommenderRuntime.MAX_NEIGHBORS:
+            raise InvalidInput(f"neighbors: at most {RecommenderRuntime.MAX_NEIGHBORS}, got {len(request.neighbors)}")
+        model, result = await self.dataplane.recommend(
+            request.model, request.version,
+            user=request.user if request.HasField("user") else None,
+            neighbors=list(request.neighbors),
+            k=request.k,
+            exclude_known=request.exclude_known if request.HasField("exclude_known") else True,
+            remaining=context.time_remaining(),
+        )
+        return v1.RecommendResponse(
+            model=model.runtime.name, version=model.runtime.version, cold_start=result.cold_start,
+            users=[v1.RecommendedUser(user=u, score=s) for u, s in zip(result.ids, result.scores)],
+        )
+
+
+class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
+    def _start(self, request, context, previews: bool):
+        count = request.count or 1
+        if count > GenerativeRuntime.MAX_COUNT:  # before allocating anything for it
+            raise InvalidInput(f"count: expected 1..{GenerativeRuntime.MAX_COUNT} images, got {count}")
+        label = request.label if request.HasField("label") else -1
+        return self.dataplane.generate(
+            request.model, request.version,
+            labels=np.full(count, label, dtype=np.int64),
+            seed=request.seed if request.HasField("seed") else None,
+            steps=request.steps or None,
+            guidance=request.guidance if request.HasField("guidance") else None,
+            sampler=request.sampler or None,
+            preview_every=request.preview_every if previews else 0,
+            remaining=context.time_remaining(),
+        )
+
+    @staticmethod
+    def _response(model, result: GenerationResult) -> v1.GenerateResponse:
+        height, width = result.images.shape[-2:]
+        return v1.GenerateResponse(
+            model=model.runtime.name, version=model.runtime.version, seed=result.seed, steps=result.steps,
+            guidance=result.guidance, sampler=result.sampler, height=height, width=width,
+            images=[
+                v1.GeneratedImage(png=png_bytes(image), pixels=image.ravel().tolist(), label=int(label))
+                for image, label in zip(result.images, result.labels)
+            ],
+        )
+
+    @_handled("model", "digit-diffusion")
+    async def Generate(self, request, context):
+        model, events = self._start(request, context, previews=False)
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                return self._response(model, event)
+        raise RuntimeError("the generation ended without a result")
+
+    @_handled("model", "digit-diffusion")
+    async def GenerateStream(self, request, context):
+        model, events = self._start(request, context, previews=True)
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                yield v1.GenerateEvent(result=self._response(model, event))
+            else:
+                previews = [] if event.previews is None else [png_bytes(p) for p in event.previews]
+                yield v1.GenerateEvent(
+                    progress=v1.GenerateProgress(step=event.step, steps=event.steps, previews=previews))
+
+
 class ModelsServicer(_Servicer, v1_grpc.ModelsServicer):
     @_handled()
     async def ListModels(self, request, context):
@@ -212,6 +307,8 @@ SERVICE_NAMES = (
     "inference.GRPCInferenceService",
     "deepserve.v1.FraudScoring",
     "deepserve.v1.Classifier",
+    "deepserve.v1.Generator",
+    "deepserve.v1.Recommender",
     "deepserve.v1.Models",
 )
 
@@ -250,6 +347,8 @@ class GrpcServer:
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)
         v1_grpc.add_FraudScoringServicer_to_server(FraudScoringServicer(dataplane), self.server)
         v1_grpc.add_ClassifierServicer_to_server(ClassifierServicer(dataplane), self.server)
+        v1_grpc.add_GeneratorServicer_to_server(GeneratorServicer(dataplane), self.server)
+        v1_grpc.add_RecommenderServicer_to_server(RecommenderServicer(dataplane), self.server)
         v1_grpc.add_ModelsServicer_to_server(ModelsServicer(dataplane), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -167,6 +167,12 @@ class Metrics:
             "deepserve_classifier_confidence_ratio",
             f"Top-1 probability of served classifications (at most {SAMPLED_ROWS} per request).",
             boundaries=UNIT_BUCKETS, tag_keys=_MODEL)
+        self.generation_steps = Counter(
+            "deepserve_generation_steps",
+            "Sampling steps taken by generation requests (a step batched with others counts once per request).",
+            tag_keys=_MODEL)
+        self.generated_images = Counter(
+            "deepserve_generated_images", "Images whose generation finished.", tag_keys=_MODEL)
         self.memory = Gauge(
             "deepserve_process_resident_memory_bytes", "Resident memory of this serving process.",
             tag_keys=("component",))
@@ -237,6 +243,14 @@ class Metrics:
                 self.flagged_rows.inc(flagged, key)
             for s in sample:
                 self.fraud_score.observe(s, key)
+
+    def generation(self, model: str, version: str, steps: int, images: int) -> None:
+        """Request-steps a generator's session run carried, and images that finished with it."""
+        if self.enabled:
+            key = (model, version)
+            self.generation_steps.inc(steps, key)
+            if images:
+                self.generated_images.inc(images, key)
 
     def classified(self, model: str, version: str, probabilities: np.ndarray) -> None:
         if self.enabled:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from deepserve import sampling
 from deepserve.codec import DATATYPE_TO_NUMPY
 from deepserve.errors import InvalidInput
 from deepserve.repository import Manifest, TensorSpec
@@ -148,6 +149,10 @@ class Runtime:
         return dict(zip(names, self.session.run(names, inputs)))
 
     # ------------------------------------------------------------------ kind hooks
+
+    def preprocess(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Open Inference Protocol inputs as the graph takes them (checked against the signature)."""
+        return inputs
 
     def postprocess(self, outputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> dict[str, np.ndarray]:
         """Outputs as served through the Open Inference Protocol; parameters may steer them."""
@@ -286,7 +291,449 @@ class ClassifierRuntime(Runtime):
         return [[(int(j), float(p[j])) for j in row] for p, row in zip(probabilities, order)]
 
 
-RUNTIMES: dict[str, type[Runtime]] = {cls.kind: cls for cls in (AnomalyRuntime, ClassifierRuntime)}
+# ---------------------------------------------------------------------------- generators
+
+
+@dataclass
+class GenerationRequest:
+    """What a client asks a generator for, validated (see :meth:`GenerativeRuntime.request`)."""
+
+    labels: np.ndarray  # (count,) int64: the class per image, -1 = none
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+    preview_every: int = 0  # a preview with every n-th step's progress; 0 = none
+
+
+@dataclass
+class GenerationProgress:
+    step: int  # steps done, 1..steps
+    steps: int
+    previews: np.ndarray | None = None  # (count, 1, H, W) in [0, 1]: where each image is heading
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (count, 1, H, W) float32 in [0, 1]
+    labels: np.ndarray  # (count,) int64, as generated (-1 = unconditional)
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+
+
+class GenerationJob:
+    """One request's progress through a generator: the rows it adds to the next session run,
+    and what it does with that run's outputs. Jobs of different requests share runs
+    (:class:`~deepserve.generation.StepBatcher`)."""
+
+    rows: int
+    done: bool = False
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def advance(self, outputs: dict[str, np.ndarray]) -> GenerationProgress:
+        raise NotImplementedError
+
+    def result(self) -> GenerationResult:
+        raise NotImplementedError
+
+
+def _image_rngs(seed: int, count: int) -> list[np.random.Generator]:
+    """One generator per image, keyed by (seed, index): image i of a request depends on the
+    seed and i only, not on the count or on which requests shared its batches."""
+    return [np.random.default_rng([seed, i]) for i in range(count)]
+
+
+class GenerativeRuntime(Runtime):
+    """Generators: requests are labels plus sampling options, not the graph's tensors.
+
+    Served through the Open Inference Protocol as ``label`` (INT64, one row per image, -1 =
+    none) with parameters ``seed``, ``steps``, ``guidance``, ``sampler``; outputs ``images``
+    (FP32, [0, 1]) and ``png`` (BYTES).
+    """
+
+    MAX_COUNT = 64  # images per request
+    NUM_CLASSES = 10
+    PARAMETERS = ("seed", "steps", "guidance", "sampler")
+
+    def __init__(self, manifest: Manifest, max_rows: int = 4096):
+        super().__init__(manifest, max_rows)
+        self.graph_inputs = {t.name: t for t in manifest.inputs}
+        self.inputs = {"label": TensorSpec("label", "INT64", [-1], "class per image, 0..9; -1 = none")}
+        self.image_shape = tuple(manifest.outputs[0].shape[1:])
+        self.classes = int(manifest.extra.get("num_classes", self.NUM_CLASSES))
+
+    def output_specs(self) -> list[TensorSpec]:
+        return [
+            TensorSpec("images", "FP32", [-1, *self.image_shape], "generated images, pixels in [0, 1]"),
+            TensorSpec("png", "BYTES", [-1], "the same images as grayscale PNG files"),
+            TensorSpec("seed", "UINT64", [-1], "the seed used (parameter 'seed', or picked by the server)"),
+            TensorSpec("generated_label", "INT64", [-1], "the class each image was generated for, -1 = none"),
+        ]
+
+    def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
+        return {
+            n: np.zeros([rows, *s.shape[1:]], dtype=DATATYPE_TO_NUMPY[s.datatype])
+            for n, s in self.graph_inputs.items()
+        }
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [t.name for t in self.manifest.outputs]
+        return dict(zip(names, self.session.run(names, inputs)))
+
+    # ------------------------------------------------------------------ requests
+
+    def request(
+        self,
+        labels: np.ndarray,
+        seed: int | None,
+        steps: int | None,
+        guidance: float | None,
+        sampler: str | None,
+        preview_every: int = 0,
+    ) -> GenerationRequest:
+        """Validate a request; unset options take the model's defaults, an unset seed a random one.
+
+        Raises:
+            InvalidInput: naming the option and its limits.
+        """
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if not 1 <= len(labels) <= self.MAX_COUNT:
+            raise InvalidInput(f"count: expected 1..{self.MAX_COUNT} images, got {len(labels)}")
+        bad = labels[(labels < -1) | (labels >= self.classes)]
+        if bad.size:
+            raise InvalidInput(f"label: expected 0..{self.classes - 1} or none, got {int(bad[0])}")
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**63))
+        elif not 0 <= seed < 2**64:
+            raise InvalidInput(f"seed: expected 0..2^64-1, got {seed}")
+        if preview_every < 0:
+            raise InvalidInput(f"preview_every: expected >= 0, got {preview_every}")
+        return self._options(labels, int(seed), steps, guidance, sampler, preview_every)
+
+    def _options(self, labels, seed, steps, guidance, sampler, preview_every) -> GenerationRequest:
+        raise NotImplementedError
+
+    def request_from_tensors(self, inputs: dict[str, np.ndarray], parameters: dict[str, Any]) -> GenerationRequest:
+        """An Open Inference Protocol request: the ``label`` tensor plus parameters."""
+        self.validate(inputs)
+        unknown = set(parameters) - set(self.PARAMETERS)
+        if unknown:
+            raise InvalidInput(f"model '{self.name}' accepts the parameters {list(self.PARAMETERS)}; "
+                               f"got {sorted(unknown)}")
+        return self.request(
+            inputs["label"],
+            seed=_int_parameter(parameters, "seed"),
+            steps=_int_parameter(parameters, "steps"),
+            guidance=_float_parameter(parameters, "guidance"),
+            sampler=_str_parameter(parameters, "sampler"),
+        )
+
+    def new_job(self, request: GenerationRequest) -> GenerationJob:
+        raise NotImplementedError
+
+    def postprocess(self, outputs, parameters):
+        return outputs  # parameters were consumed by request_from_tensors
+
+    def encode(self, result: GenerationResult) -> dict[str, np.ndarray]:
+        """A result as Open Inference Protocol outputs."""
+        pngs = np.array([png_bytes(image) for image in result.images], dtype=object)
+        count = len(result.images)
+        return {"images": result.images, "png": pngs, "seed": np.full(count, result.seed, dtype=np.uint64),
+                "generated_label": result.labels.astype(np.int64)}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A (1, H, W) image in [0, 1] as an 8-bit grayscale PNG (deterministic bytes)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.round(np.clip(image[0], 0.0, 1.0) * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _number_parameter(parameters: dict[str, Any], key: str, kind: type):
+    value = parameters.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):  # clients that send only string parameters (tritonclient)
+        try:
+            value = kind(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise InvalidInput(f"parameter '{key}': expected {'an integer' if kind is int else 'a number'}, got {parameters[key]!r}")
+    return kind(value)
+
+
+def _int_parameter(parameters, key):
+    return _number_parameter(parameters, key, int)
+
+
+def _float_parameter(parameters, key):
+    return _number_parameter(parameters, key, float)
+
+
+def _str_parameter(parameters, key):
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"parameter '{key}': expected a string, got {value!r}")
+    return value
+
+
+class _GanJob(GenerationJob):
+    def __init__(self, runtime: "GanRuntime", request: GenerationRequest):
+        self.request = request
+        count = len(request.labels)
+        rngs = _image_rngs(request.seed, count)
+        self.noise = np.stack([r.standard_normal(runtime.latent_dim) for r in rngs]).astype(np.float32)  # (B, Z)
+        # "No label" draws a class per image from the seed: the generator is class-conditional.
+        self.labels = np.array(
+            [label if label >= 0 else r.integers(0, runtime.classes) for label, r in zip(request.labels, rngs)],
+            dtype=np.int64,
+        )
+        self.rows = count
+        self.images: np.ndarray | None = None
+
+    def feeds(self):
+        return {"noise": self.noise, "label": self.labels}
+
+    def advance(self, outputs):
+        self.images = np.clip(outputs["images"], 0.0, 1.0).astype(np.float32)
+        self.done = True
+        return GenerationProgress(1, 1, self.images if self.request.preview_every else None)
+
+    def result(self):
+        r = self.request
+        return GenerationResult(self.images, self.labels, r.seed, 1, 0.0, "gan")
+
+
+class GanRuntime(GenerativeRuntime):
+    """GAN generators: one network evaluation, (noise, label) -> image."""
+
+    kind = "gan"
+
+    def __init__(self, manifest: Manifest, max_rows: int = 4096):
+        super().__init__(manifest, max_rows)
+        self.latent_dim = int(self.graph_inputs["noise"].shape[1])
+
+    def _options(self, labels, seed, steps, guidance, sampler, preview_every):
+        if steps not in (None, 0, 1):
+            raise InvalidInput(f"steps: model '{self.name}' is a GAN and generates in one step; got {steps}")
+        if guidance is not None:
+            raise InvalidInput(f"guidance: model '{self.name}' is a GAN and takes no guidance scale")
+        if sampler not in (None, "", "gan"):
+            raise InvalidInput(f"sampler: model '{self.name}' is a GAN and has no sampler; got '{sampler}'")
+        return GenerationRequest(labels, seed, 1, 0.0, "gan", preview_every)
+
+    def new_job(self, request):
+        return _GanJob(self, request)
+
+
+class _DiffusionJob(GenerationJob):
+    def __init__(self, runtime: "DiffusionRuntime", request: GenerationRequest):
+        self.runtime = runtime
+        self.request = request
+        self.schedule = runtime.schedule
+        self.timesteps = self.schedule.sampling_steps(request.steps)
+        self.eta = sampling.SAMPLERS[request.sampler]
+        count = len(request.labels)
+        self.rngs = _image_rngs(request.seed, count)
+        self.x = np.stack([r.standard_normal(runtime.image_shape) for r in self.rngs])  # (B, 1, H, W) float64
+        # Guidance needs the unconditional prediction too: those images take two rows.
+        conditional = request.labels >= 0
+        self.guided = conditional & (request.guidance != 1.0)
+        self.cond_labels = np.where(conditional, request.labels, runtime.null_label)
+        self.rows = count + int(self.guided.sum())
+        self.index = 0  # steps done
+
+    def feeds(self):
+        t = self.timesteps[self.index]
+        x = self.x.astype(np.float32)
+        x_rows = np.concatenate([x, x[self.guided]])  # (rows, 1, H, W)
+        labels = np.concatenate([self.cond_labels, np.full(int(self.guided.sum()), self.runtime.null_label)])
+        return {"x": x_rows, "t": np.full(self.rows, t, dtype=np.int64), "label": labels.astype(np.int64)}
+
+    def advance(self, outputs):
+        eps_rows = outputs["eps"].astype(np.float64)
+        count = len(self.request.labels)
+        eps = eps_rows[:count].copy()
+        eps[self.guided] = sampling.guided_noise(eps[self.guided], eps_rows[count:], self.request.guidance)
+        t = int(self.timesteps[self.index])
+        t_prev = int(self.timesteps[self.index + 1]) if self.index + 1 < len(self.timesteps) else -1
+        noise = np.stack([r.standard_normal(self.x.shape[1:]) for r in self.rngs]) if self.eta > 0 and t_prev >= 0 else None
+        self.x, x0 = sampling.denoise_step(self.schedule, self.x, t, t_prev, eps, self.eta, noise)
+        self.index += 1
+        self.done = self.index == len(self.timesteps)
+        every = self.request.preview_every
+        preview = every and (self.index % every == 0 or self.done)
+        return GenerationProgress(self.index, len(self.timesteps), _to_unit(x0) if preview else None)
+
+    def result(self):
+        r = self.request
+        return GenerationResult(_to_unit(self.x), r.labels, r.seed, r.steps, r.guidance, r.sampler)
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+    """Model space [-1, 1] -> pixels [0, 1], float32."""
+    return ((np.clip(x, -1.0, 1.0) + 1.0) / 2.0).astype(np.float32)
+
+
+class DiffusionRuntime(GenerativeRuntime):
+    """Diffusion models: a noise-prediction network evaluated once per sampling step.
+
+    The manifest's ``extra`` holds the training schedule (``schedule``), the label that
+    means "no class" (``null_label``, for classifier-free guidance) and the defaults.
+    """
+
+    kind = "diffusion"
+
+    def __init__(self, manifest: Manifest, max_rows: int = 4096):
+        super().__init__(manifest, max_rows)
+        extra = manifest.extra
+        self.schedule = sampling.NoiseSchedule.from_config(extra["schedule"])
+        self.null_label = int(extra["null_label"])
+        self.default_steps = int(extra.get("default_steps", 20))
+        self.default_guidance = float(extra.get("default_guidance", 1.0))
+        self.max_steps = min(int(extra.get("max_steps", self.schedule.timesteps)), self.schedule.timesteps)
+        self.max_guidance = 20.0
+
+    def _options(self, labels, seed, steps, guidance, sampler, preview_every):
+        steps = steps or self.default_steps
+        if not 1 <= steps <= self.max_steps:
+            raise InvalidInput(f"steps: expected 1..{self.max_steps}, got {steps}")
+        guidance = self.default_guidance if guidance is None else guidance
+        if not (np.isfinite(guidance) and 0.0 <= guidance <= self.max_guidance):
+            raise InvalidInput(f"guidance: expected a number in 0..{self.max_guidance:g}, got {guidance}")
+        sampler = sampler or "ddim"
+        if sampler not in sampling.SAMPLERS:
+            raise InvalidInput(f"sampler: expected one of {sorted(sampling.SAMPLERS)}, got '{sampler}'")
+        if preview_every > steps:
+            raise InvalidInput(f"preview_every: expected 0..{steps} (the steps), got {preview_every}")
+        return GenerationRequest(labels, seed, int(steps), float(guidance), sampler, preview_every)
+
+    def new_job(self, request):
+        return _DiffusionJob(self, request)
+
+
+# ---------------------------------------------------------------------------- recommender
+
+
+@dataclass
+class Recommendation:
+    ids: list[int]  # best first
+    scores: list[float]
+    cold_start: bool  # computed from the neighbour list: the user is not in the training graph
+
+
+class RecommenderRuntime(Runtime):
+    """Graph recommenders: top-k users for a known user, or for a new one from its neighbours.
+
+    The graph does the work (embedding lookup or inductive message passing, scores, masks,
+    TopK with ``max_k``); this class maps user ids to graph indices and back, checks them,
+    and cuts the ranking to the request's ``k``. A user that is neither in the training
+    graph nor given with neighbours is an error (INVALID_ARGUMENT), not a popularity
+    fallback: a client should know when it gets no personalisation.
+    """
+
+    kind = "recommender"
+    MAX_NEIGHBORS = 1024
+    DEFAULT_K = 10
+
+    def __init__(self, manifest: Manifest, max_rows: int = 4096):
+        super().__init__(manifest, max_rows)
+        extra = manifest.extra
+        self.max_k = int(extra["max_k"])
+        self.num_users = int(extra["num_users"])
+        node_ids = extra.get("node_ids")
+        self.node_ids = None if node_ids is None else np.asarray(node_ids, dtype=np.int64)  # sorted
+
+    def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
+        return {"user": np.zeros(rows, np.int64), "neighbors": np.full((rows, 1), -1, np.int64),
+                "exclude_known": np.ones(rows, bool)}
+
+    def resolve_k(self, k: Any) -> int:
+        if k is None or k == 0:
+            return self.DEFAULT_K
+        value = k
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                value = None
+        if value is None or isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.max_k:
+            raise InvalidInput(f"k: expected an integer in 1..{self.max_k}, got {k!r}")
+        return value
+
+    def to_index(self, ids: np.ndarray) -> np.ndarray:
+        """External user ids -> graph indices; -1 where an id is not in the training graph."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.node_ids is None:
+            return np.where((ids >= 0) & (ids < self.num_users), ids, -1)
+        pos = np.clip(np.searchsorted(self.node_ids, ids), 0, len(self.node_ids) - 1)
+        return np.where(self.node_ids[pos] == ids, pos, -1)
+
+    def to_ids(self, index: np.ndarray) -> np.ndarray:
+        return index if self.node_ids is None else self.node_ids[index]
+
+    def graph_inputs(self, users: np.ndarray, neighbors: np.ndarray, exclude_known: np.ndarray) -> dict[str, np.ndarray]:
+        """Requests in external ids (``users`` (B,), -1 = new; ``neighbors`` (B, M), -1 = padding)
+        as graph inputs, with every id checked.
+
+        Raises:
+            InvalidInput: unknown neighbour ids, too many neighbours, or a user that is neither
+                known nor given with neighbours.
+        """
+        if neighbors.shape[1] > self.MAX_NEIGHBORS:
+            raise InvalidInput(f"neighbors: at most {self.MAX_NEIGHBORS} per user, got {neighbors.shape[1]}")
+        given = neighbors >= 0
+        index = self.to_index(np.where(given, neighbors, 0))
+        unknown = given & (index < 0)
+        if unknown.any():
+            row, col = np.argwhere(unknown)[0]
+            raise InvalidInput(f"user {row}: neighbour {int(neighbors[row, col])} is not in the graph")
+        bad = neighbors[neighbors < -1]
+        if bad.size:
+            raise InvalidInput(f"neighbors: ids are >= 0 (-1 pads), got {int(bad[0])}")
+        user_index = np.where(users >= 0, self.to_index(np.maximum(users, 0)), -1)
+        lost = (user_index < 0) & ~given.any(axis=1)
+        if lost.any():
+            i = int(np.argmax(lost))
+            who = f"user {int(users[i])} is not in the graph" if users[i] >= 0 else "a new user (-1)"
+            raise InvalidInput(f"row {i}: {who} and no neighbours were given; send the ids of its known "
+                               "neighbours for a cold-start recommendation")
+        return {"user": user_index.astype(np.int64), "neighbors": np.where(given, index, -1).astype(np.int64),
+                "exclude_known": exclude_known.astype(bool)}
+
+    def preprocess(self, inputs, parameters):
+        self.validate(inputs)
+        unknown = set(parameters) - {"k"}
+        if unknown:
+            raise InvalidInput(f"model '{self.name}' accepts the parameter 'k' only; got {sorted(unknown)}")
+        self.resolve_k(parameters.get("k"))
+        return self.graph_inputs(inputs["user"], inputs["neighbors"], inputs["exclude_known"])
+
+    def postprocess(self, outputs, parameters):
+        k = self.resolve_k(parameters.get("k"))
+        return {**outputs, "ids": self.to_ids(outputs["ids"][:, :k]), "scores": outputs["scores"][:, :k]}
+
+    def recommendations(self, graph_inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], k: int) -> list[Recommendation]:
+        ids = self.to_ids(outputs["ids"][:, :k])
+        return [
+            Recommendation(ids=row.tolist(), scores=scores.tolist(), cold_start=bool(user < 0))
+            for row, scores, user in zip(ids, outputs["scores"][:, :k], graph_inputs["user"])
+        ]
+
+
+RUNTIMES: dict[str, type[Runtime]] = {
+    cls.kind: cls for cls in (AnomalyRuntime, ClassifierRuntime, GanRuntime, DiffusionRuntime, RecommenderRuntime)
+}
 
 
 def runtime_for(manifest: Manifest, max_rows: int = 4096) -> Runtime:

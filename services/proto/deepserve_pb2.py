@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/deepserve.proto\x12\x0c\x64\x65\x65pserve.v1\"\x85\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x0ctransactions\x18\x03 \x03(\x0b\x32\x19.deepserve.v1.Transaction\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\x82\x01\n\x0bTransaction\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x01\x12\x33\n\x05named\x18\x02 \x03(\x0b\x32$.deepserve.v1.Transaction.NamedEntry\x1a,\n\nNamedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Z\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.deepserve.v1.FraudScore\"\x90\x01\n\nFraudScore\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x10\n\x08is_fraud\x18\x02 \x01(\x08\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x37\n\x0ctop_features\x18\x05 \x03(\x0b\x32!.deepserve.v1.FeatureContribution\"2\n\x13\x46\x65\x61tureContribution\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x01\"e\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.deepserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"$\n\x05Image\x12\x0e\n\x06pixels\x18\x01 \x03(\x02\x12\x0b\n\x03png\x18\x02 \x01(\x0c\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.deepserve.v1.Classification\"7\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.deepserve.v1.LabelScore\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.deepserve.v1.ModelInfo\"\xda\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.deepserve.v1.ModelInfo.MetricsEntry\x12\x37\n\x08\x62\x61tching\x18\t \x03(\x0b\x32%.deepserve.v1.ModelInfo.BatchingEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rBatchingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32R\n\x0c\x46raudScoring\x12\x42\n\x05Score\x12\x1a.deepserve.v1.ScoreRequest\x1a\x1b.deepserve.v1.ScoreResponse\"\x00\x32Y\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.deepserve.v1.ClassifyRequest\x1a\x1e.deepserve.v1.ClassifyResponse\"\x00\x32[\n\x06Models\x12Q\n\nListModels\x12\x1f.deepserve.v1.ListModelsRequest\x1a .deepserve.v1.ListModelsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64\x65\x65pserve/v1/deepserve.proto\x12\x0c\x64\x65\x65pserve.v1\"\x85\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12/\n\x0ctransactions\x18\x03 \x03(\x0b\x32\x19.deepserve.v1.Transaction\x12\x16\n\tthreshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"\x82\x01\n\x0bTransaction\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\x01\x12\x33\n\x05named\x18\x02 \x03(\x0b\x32$.deepserve.v1.Transaction.NamedEntry\x1a,\n\nNamedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Z\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.deepserve.v1.FraudScore\"\x90\x01\n\nFraudScore\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x10\n\x08is_fraud\x18\x02 \x01(\x08\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x37\n\x0ctop_features\x18\x05 \x03(\x0b\x32!.deepserve.v1.FeatureContribution\"2\n\x13\x46\x65\x61tureContribution\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\x01\"e\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.deepserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"$\n\x05Image\x12\x0e\n\x06pixels\x18\x01 \x03(\x02\x12\x0b\n\x03png\x18\x02 \x01(\x0c\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.deepserve.v1.Classification\"7\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.deepserve.v1.LabelScore\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\x05\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\xd5\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\x05label\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x15\n\x08guidance\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x15\n\rpreview_every\x18\t \x01(\rB\x08\n\x06_labelB\x07\n\x05_seedB\x0b\n\t_guidance\"<\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0e\n\x06pixels\x18\x02 \x03(\x02\x12\r\n\x05label\x18\x03 \x01(\x05\"\xbf\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x10\n\x08guidance\x18\x05 \x01(\x02\x12\x0f\n\x07sampler\x18\x06 \x01(\t\x12\x0e\n\x06height\x18\x07 \x01(\r\x12\r\n\x05width\x18\x08 \x01(\r\x12,\n\x06images\x18\t \x03(\x0b\x32\x1c.deepserve.v1.GeneratedImage\"A\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x10\n\x08previews\x18\x03 \x03(\x0c\"~\n\rGenerateEvent\x12\x32\n\x08progress\x18\x01 \x01(\x0b\x32\x1e.deepserve.v1.GenerateProgressH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.deepserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x9a\x01\n\x10RecommendRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\x04user\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tneighbors\x18\x04 \x03(\x03\x12\t\n\x01k\x18\x05 \x01(\r\x12\x1a\n\rexclude_known\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05_userB\x10\n\x0e_exclude_known\"u\n\x11RecommendResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12,\n\x05users\x18\x03 \x03(\x0b\x32\x1d.deepserve.v1.RecommendedUser\x12\x12\n\ncold_start\x18\x04 \x01(\x08\".\n\x0fRecommendedUser\x12\x0c\n\x04user\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.deepserve.v1.ModelInfo\"\xda\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x14\n\x0cload_seconds\x18\x07 \x01(\x01\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.deepserve.v1.ModelInfo.MetricsEntry\x12\x37\n\x08\x62\x61tching\x18\t \x03(\x0b\x32%.deepserve.v1.ModelInfo.BatchingEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rBatchingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32R\n\x0c\x46raudScoring\x12\x42\n\x05Score\x12\x1a.deepserve.v1.ScoreRequest\x1a\x1b.deepserve.v1.ScoreResponse\"\x00\x32Y\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.deepserve.v1.ClassifyRequest\x1a\x1e.deepserve.v1.ClassifyResponse\"\x00\x32\xaa\x01\n\tGenerator\x12K\n\x08Generate\x12\x1d.deepserve.v1.GenerateRequest\x1a\x1e.deepserve.v1.GenerateResponse\"\x00\x12P\n\x0eGenerateStream\x12\x1d.deepserve.v1.GenerateRequest\x1a\x1b.deepserve.v1.GenerateEvent\"\x00\x30\x01\x32]\n\x0bRecommender\x12N\n\tRecommend\x12\x1e.deepserve.v1.RecommendRequest\x1a\x1f.deepserve.v1.RecommendResponse\"\x00\x32[\n\x06Models\x12Q\n\nListModels\x12\x1f.deepserve.v1.ListModelsRequest\x1a .deepserve.v1.ListModelsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,20 +59,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_end=901
   _globals['_LABELSCORE']._serialized_start=903
   _globals['_LABELSCORE']._serialized_end=951
-  _globals['_LISTMODELSREQUEST']._serialized_start=953
-  _globals['_LISTMODELSREQUEST']._serialized_end=972
-  _globals['_LISTMODELSRESPONSE']._serialized_start=974
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1035
-  _globals['_MODELINFO']._serialized_start=1038
-  _globals['_MODELINFO']._serialized_end=1384
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1289
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1335
-  _globals['_MODELINFO_BATCHINGENTRY']._serialized_start=1337
-  _globals['_MODELINFO_BATCHINGENTRY']._serialized_end=1384
-  _globals['_FRAUDSCORING']._serialized_start=1386
-  _globals['_FRAUDSCORING']._serialized_end=1468
-  _globals['_CLASSIFIER']._serialized_start=1470
-  _globals['_CLASSIFIER']._serialized_end=1559
-  _globals['_MODELS']._serialized_start=1561
-  _globals['_MODELS']._serialized_end=1652
+  _globals['_GENERATEREQUEST']._serialized_start=954
+  _globals['_GENERATEREQUEST']._serialized_end=1167
+  _globals['_GENERATEDIMAGE']._serialized_start=1169
+  _globals['_GENERATEDIMAGE']._serialized_end=1229
+  _globals['_GENERATERESPONSE']._serialized_start=1232
+  _globals['_GENERATERESPONSE']._serialized_end=1423
+  _globals['_GENERATEPROGRESS']._serialized_start=1425
+  _globals['_GENERATEPROGRESS']._serialized_end=1490
+  _globals['_GENERATEEVENT']._serialized_start=1492
+  _globals['_GENERATEEVENT']._serialized_end=1618
+  _globals['_RECOMMENDREQUEST']._serialized_start=1621
+  _globals['_RECOMMENDREQUEST']._serialized_end=1775
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1777
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1894
+  _globals['_RECOMMENDEDUSER']._serialized_start=1896
+  _globals['_RECOMMENDEDUSER']._serialized_end=1942
+  _globals['_LISTMODELSREQUEST']._serialized_start=1944
+  _globals['_LISTMODELSREQUEST']._serialized_end=1963
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1965
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2026
+  _globals['_MODELINFO']._serialized_start=2029
+  _globals['_MODELINFO']._serialized_end=2375
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=2280
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=2326
+  _globals['_MODELINFO_BATCHINGENTRY']._serialized_start=2328
+  _globals['_MODELINFO_BATCHINGENTRY']._serialized_end=2375
+  _globals['_FRAUDSCORING']._serialized_start=2377
+  _globals['_FRAUDSCORING']._serialized_end=2459
+  _globals['_CLASSIFIER']._serialized_start=2461
+  _globals['_CLASSIFIER']._serialized_end=2550
+  _globals['_GENERATOR']._serialized_start=2553
+  _globals['_GENERATOR']._serialized_end=2723
+  _globals['_RECOMMENDER']._serialized_start=2725
+  _globals['_RECOMMENDER']._serialized_end=2818
+  _globals['_MODELS']._serialized_start=2820
+  _globals['_MODELS']._serialized_end=2911
 # @@protoc_insertion_point(module_scope)

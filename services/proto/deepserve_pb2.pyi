@@ -109,6 +109,114 @@ class LabelScore(_message.Message):
     probability: float
     def __init__(self, label: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
 
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "version", "label", "count", "seed", "steps", "guidance", "sampler", "preview_every")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    label: int
+    count: int
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+    preview_every: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., label: _Optional[int] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., sampler: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
+
+class GeneratedImage(_message.Message):
+    __slots__ = ("png", "pixels", "label")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    pixels: _containers.RepeatedScalarFieldContainer[float]
+    label: int
+    def __init__(self, png: _Optional[bytes] = ..., pixels: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("model", "version", "seed", "steps", "guidance", "sampler", "height", "width", "images")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    seed: int
+    steps: int
+    guidance: float
+    sampler: str
+    height: int
+    width: int
+    images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., sampler: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ...) -> None: ...
+
+class GenerateProgress(_message.Message):
+    __slots__ = ("step", "steps", "previews")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    steps: int
+    previews: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, step: _Optional[int] = ..., steps: _Optional[int] = ..., previews: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: GenerateProgress
+    result: GenerateResponse
+    def __init__(self, progress: _Optional[_Union[GenerateProgress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("model", "version", "user", "neighbors", "k", "exclude_known")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    user: int
+    neighbors: _containers.RepeatedScalarFieldContainer[int]
+    k: int
+    exclude_known: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., user: _Optional[int] = ..., neighbors: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., exclude_known: _Optional[bool] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("model", "version", "users", "cold_start")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    users: _containers.RepeatedCompositeFieldContainer[RecommendedUser]
+    cold_start: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., users: _Optional[_Iterable[_Union[RecommendedUser, _Mapping]]] = ..., cold_start: _Optional[bool] = ...) -> None: ...
+
+class RecommendedUser(_message.Message):
+    __slots__ = ("user", "score")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    user: int
+    score: float
+    def __init__(self, user: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

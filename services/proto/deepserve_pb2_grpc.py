@@ -177,6 +177,205 @@ class Classifier:
             _registered_method=True)
 
 
+class GeneratorStub:
+    """Generates images with the digit generators (GAN and diffusion).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_unary(
+                '/deepserve.v1.Generator/Generate',
+                request_serializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/deepserve.v1.Generator/GenerateStream',
+                request_serializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateEvent.FromString,
+                _registered_method=True)
+
+
+class GeneratorServicer:
+    """Generates images with the digit generators (GAN and diffusion).
+    """
+
+    def Generate(self, request, context):
+        """Generate images and return them when all are done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """Generate images, streaming a progress message per sampling step (with
+        optional previews) and then the result. Cancelling the call stops this
+        request's work; requests batched with it carry on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GeneratorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_deepserve__pb2.GenerateEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'deepserve.v1.Generator', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('deepserve.v1.Generator', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Generator:
+    """Generates images with the digit generators (GAN and diffusion).
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.Generator/Generate',
+            deepserve_dot_v1_dot_deepserve__pb2.GenerateRequest.SerializeToString,
+            deepserve_dot_v1_dot_deepserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deepserve.v1.Generator/GenerateStream',
+            deepserve_dot_v1_dot_deepserve__pb2.GenerateRequest.SerializeToString,
+            deepserve_dot_v1_dot_deepserve__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RecommenderStub:
+    """Recommends users to users ("people you may know") with the graph recommender.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Recommend = channel.unary_unary(
+                '/deepserve.v1.Recommender/Recommend',
+                request_serializer=deepserve_dot_v1_dot_deepserve__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=deepserve_dot_v1_dot_deepserve__pb2.RecommendResponse.FromString,
+                _registered_method=True)
+
+
+class RecommenderServicer:
+    """Recommends users to users ("people you may know") with the graph recommender.
+    """
+
+    def Recommend(self, request, context):
+        """The top-k users for a known user, or for a new user from its known
+        neighbours (cold start, without retraining).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RecommenderServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Recommend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recommend,
+                    request_deserializer=deepserve_dot_v1_dot_deepserve__pb2.RecommendRequest.FromString,
+                    response_serializer=deepserve_dot_v1_dot_deepserve__pb2.RecommendResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'deepserve.v1.Recommender', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('deepserve.v1.Recommender', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Recommender:
+    """Recommends users to users ("people you may know") with the graph recommender.
+    """
+
+    @staticmethod
+    def Recommend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepserve.v1.Recommender/Recommend',
+            deepserve_dot_v1_dot_deepserve__pb2.RecommendRequest.SerializeToString,
+            deepserve_dot_v1_dot_deepserve__pb2.RecommendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ModelsStub:
     """---------------------------------------------------------------- models
 
