@@ -277,9 +277,11 @@ class DataPlane:
         guidance: float | None,
         sampler: str | None,
         preview_every: int = 0,
+        progress: bool = True,
         remaining: float | None = None,
     ) -> tuple[ServedModel, AsyncIterator[GenerationProgress | GenerationResult]]:
-        """Image generation: the validated request's events (progress per step, then the result).
+        """Image generation: the validated request's events (progress per step when asked
+        for, then the result).
 
         Validation errors raise here, before the stream starts.
         """
@@ -287,7 +289,7 @@ class DataPlane:
         runtime = model.runtime
         if not isinstance(runtime, GenerativeRuntime):
             raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a generator")
-        request = runtime.request(labels, seed, steps, guidance, sampler, preview_every)
+        request = runtime.request(labels, seed, steps, guidance, sampler, preview_every, progress)
         if not model.ready:
             raise ModelNotReady(f"model '{runtime.name}' has no ready replica yet; retry shortly")
         return model, self._stream(model, request, remaining)

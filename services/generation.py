@@ -167,7 +167,8 @@ class StepBatcher:
                     continue
                 try:
                     progress = entry.job.advance({name: parts[name][i] for name in outputs})
-                    entry.events.put_nowait(progress)
+                    if entry.job.request.progress:
+                        entry.events.put_nowait(progress)
                     if entry.job.done:
                         result = entry.job.result()
                         finished += len(result.images)

@@ -234,7 +234,7 @@ class RecommenderServicer(_Servicer, v1_grpc.RecommenderServicer):
 
 
 class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
-    def _start(self, request, context, previews: bool):
+    def _start(self, request, context, stream: bool):
         count = request.count or 1
         if count > GenerativeRuntime.MAX_COUNT:  # before allocating anything for it
             raise InvalidInput(f"count: expected 1..{GenerativeRuntime.MAX_COUNT} images, got {count}")
@@ -246,7 +246,8 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
             steps=request.steps or None,
             guidance=request.guidance if request.HasField("guidance") else None,
             sampler=request.sampler or None,
-            preview_every=request.preview_every if previews else 0,
+            preview_every=request.preview_every if stream else 0,
+            progress=stream,
             remaining=context.time_remaining(),
         )
 
@@ -264,7 +265,7 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
 
     @_handled("model", "digit-diffusion")
     async def Generate(self, request, context):
-        model, events = self._start(request, context, previews=False)
+        model, events = self._start(request, context, stream=False)
         async for event in events:
             if isinstance(event, GenerationResult):
                 return self._response(model, event)
@@ -272,7 +273,7 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
 
     @_handled("model", "digit-diffusion")
     async def GenerateStream(self, request, context):
-        model, events = self._start(request, context, previews=True)
+        model, events = self._start(request, context, stream=True)
         async for event in events:
             if isinstance(event, GenerationResult):
                 yield v1.GenerateEvent(result=self._response(model, event))

@@ -304,6 +304,7 @@ class GenerationRequest:
     guidance: float
     sampler: str
     preview_every: int = 0  # a preview with every n-th step's progress; 0 = none
+    progress: bool = True  # report progress per step (streaming); False = only the result
 
 
 @dataclass
@@ -394,6 +395,7 @@ class GenerativeRuntime(Runtime):
         guidance: float | None,
         sampler: str | None,
         preview_every: int = 0,
+        progress: bool = True,
     ) -> GenerationRequest:
         """Validate a request; unset options take the model's defaults, an unset seed a random one.
 
@@ -412,7 +414,9 @@ class GenerativeRuntime(Runtime):
             raise InvalidInput(f"seed: expected 0..2^64-1, got {seed}")
         if preview_every < 0:
             raise InvalidInput(f"preview_every: expected >= 0, got {preview_every}")
-        return self._options(labels, int(seed), steps, guidance, sampler, preview_every)
+        request = self._options(labels, int(seed), steps, guidance, sampler, preview_every)
+        request.progress = progress
+        return request
 
     def _options(self, labels, seed, steps, guidance, sampler, preview_every) -> GenerationRequest:
         raise NotImplementedError
@@ -430,6 +434,7 @@ class GenerativeRuntime(Runtime):
             steps=_int_parameter(parameters, "steps"),
             guidance=_float_parameter(parameters, "guidance"),
             sampler=_str_parameter(parameters, "sampler"),
+            progress=False,
         )
 
     def new_job(self, request: GenerationRequest) -> GenerationJob:
