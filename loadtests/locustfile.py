@@ -126,12 +126,15 @@ class Stubs:
     classifier: v1_grpc.ClassifierStub
     models: v1_grpc.ModelsStub
     inference: oip_grpc.GRPCInferenceServiceStub
+    generator: v1_grpc.GeneratorStub
+    recommender: v1_grpc.RecommenderStub
 
     @classmethod
     def open(cls, target: str) -> "Stubs":
         channel = grpc.insecure_channel(target)
         return cls(channel, v1_grpc.FraudScoringStub(channel), v1_grpc.ClassifierStub(channel),
-                   v1_grpc.ModelsStub(channel), oip_grpc.GRPCInferenceServiceStub(channel))
+                   v1_grpc.ModelsStub(channel), oip_grpc.GRPCInferenceServiceStub(channel),
+                   v1_grpc.GeneratorStub(channel), v1_grpc.RecommenderStub(channel))
 
 
 class WrongAnswer(Exception):
@@ -236,6 +239,71 @@ class Classify(Workload):
     def check(self, request, response):
         if len(response.results) != 1 or len(response.results[0].top) != 3:
             raise WrongAnswer("want 1 result with 3 labels")
+
+
+class Generate(Workload):
+    """One diffusion image of a digit with the model's defaults (20 DDIM steps, guided)."""
+
+    name = "Generator.Generate[diffusion]"
+    model = "digit-diffusion"
+    pool_size = 64
+
+    def build(self, seed):
+        return [v1.GenerateRequest(model=self.model, label=i % 10, count=1, seed=seed * 1000 + i)
+                for i in range(self.pool_size)]
+
+    def send(self, stubs, request, timeout):
+        return stubs.generator.Generate(request, timeout=timeout)
+
+    def check(self, request, response):
+        if len(response.images) != request.count or response.seed != request.seed:
+            raise WrongAnswer(f"want {request.count} image(s) for seed {request.seed}")
+
+
+class GenerateGan(Generate):
+    """Four GAN images of a digit (one network evaluation)."""
+
+    name = "Generator.Generate[dcgan]"
+    model = "digit-dcgan"
+
+    def build(self, seed):
+        return [v1.GenerateRequest(model=self.model, label=i % 10, count=4, seed=seed * 1000 + i)
+                for i in range(self.pool_size)]
+
+
+class Recommend(Workload):
+    """"People you may know" for a user of the synthetic graph (ids 0..4,999; these use 0..999)."""
+
+    name = "Recommender.Recommend"
+    model = "graph-recommender"
+
+    def build(self, seed):
+        users = np.random.default_rng(seed + 4).choice(1000, size=self.pool_size, replace=False)
+        return [v1.RecommendRequest(model=self.model, user=int(u), k=10) for u in users]
+
+    def send(self, stubs, request, timeout):
+        return stubs.recommender.Recommend(request, timeout=timeout)
+
+    def check(self, request, response):
+        if len(response.users) != request.k:
+            raise WrongAnswer(f"{len(response.users)} users for k={request.k}")
+
+
+class RecommendColdStart(Recommend):
+    """A new user described by 3..12 known neighbours (inductive cold start)."""
+
+    name = "Recommender.Recommend[cold]"
+
+    def build(self, seed):
+        rng = np.random.default_rng(seed + 5)
+        return [v1.RecommendRequest(model=self.model, k=10,
+                                    neighbors=rng.choice(1000, size=rng.integers(3, 13), replace=False).tolist())
+                for _ in range(self.pool_size)]
+
+    def check(self, request, response):
+        super().check(request, response)
+        if not response.cold_start:
+            raise WrongAnswer("a new user's answer should say cold_start")
 
 
 # ---------------------------------------------------------------------------- users
@@ -366,6 +434,21 @@ class FraudInferUser(GrpcUser):
 
 class ClassifyUser(GrpcUser):
     workloads = {Classify: 1}
+
+
+class GenerateUser(GrpcUser):
+    workloads = {Generate: 3, GenerateGan: 1}
+
+
+class RecommendUser(GrpcUser):
+    workloads = {Recommend: 3, RecommendColdStart: 1}
+
+
+class EveryModelUser(GrpcUser):
+    """Every workload, evenly: a smoke test of the whole service under load."""
+
+    workloads = {FraudScore: 1, FraudScoreBatch: 1, FraudInfer: 1, Classify: 1, Generate: 1, GenerateGan: 1,
+                 Recommend: 1, RecommendColdStart: 1}
 
 
 class MixUser(GrpcUser):

@@ -23,6 +23,7 @@ BUILDABLE = {
     "fraud-autoencoder": "fraud",
     "digit-classifier": "digits",
     "digit-classifier-robust": "digits",
+    "graph-recommender": "graph",
 }
 
 
@@ -35,6 +36,10 @@ def _build(args: argparse.Namespace) -> int:
     if args.data is not None and names != ["fraud-autoencoder"]:
         print("deepserve build: --data trains the anomaly detector; use it with --only fraud-autoencoder",
               file=sys.stderr)
+        return 2
+    if (args.edges is not None or args.node_features is not None) and names != ["graph-recommender"]:
+        print("deepserve build: --edges/--node-features train the graph recommender; use them with "
+              "--only graph-recommender", file=sys.stderr)
         return 2
     if args.data is not None and not args.data.is_file():
         print(f"deepserve build: --data {args.data}: no such file", file=sys.stderr)
@@ -61,6 +66,15 @@ def _build(args: argparse.Namespace) -> int:
         from deepserve.models import digits
 
         written += digits.build(repo, args.seed, digit_names)
+    if "graph-recommender" in names:
+        from deepserve.models import graph
+
+        options = graph.GraphBuildOptions(edges=args.edges, features=args.node_features)
+        try:
+            written.append(graph.build(repo, args.seed, options))
+        except ValueError as exc:  # a bad --edges or --node-features table
+            print(f"deepserve build: {exc}", file=sys.stderr)
+            return 2
 
     for directory in written:
         manifest = ModelRepository(repo).get(directory.parent.name, directory.name).manifest
@@ -200,6 +214,56 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ascii(pixels, width: int) -> list[str]:
+    """An image as text rows, darker characters for brighter pixels."""
+    ramp = " .:-=+*#%@"
+    rows = [pixels[i : i + width] for i in range(0, len(pixels), width)]
+    return ["".join(ramp[min(int(v * len(ramp)), len(ramp) - 1)] * 2 for v in row) for row in rows]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from deepserve.client import DeepServeClient
+
+    options = dict(model=args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler)
+    with DeepServeClient(_target(args), timeout=args.timeout) as client:
+        result = None
+        for event in client.generate_stream(label=args.label, count=args.count, seed=args.seed, **options):
+            if event.HasField("progress"):
+                step, steps = event.progress.step, event.progress.steps
+                print(f"\rstep {step}/{steps} [{'#' * (30 * step // steps):30s}]", end="", file=sys.stderr)
+            else:
+                result = event.result
+    print(file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{result.model} v{result.version}: {len(result.images)} image(s), seed {result.seed}, "
+          f"{result.steps} step(s), sampler {result.sampler}, guidance {result.guidance:g}")
+    for i, image in enumerate(result.images):
+        label = "none" if image.label < 0 else image.label
+        path = args.out / f"{result.model}-seed{result.seed}-{i}-label{label}.png"
+        path.write_bytes(image.png)
+        print(f"  {path}")
+        if not args.quiet:
+            print("\n".join("    " + row for row in _ascii(image.pixels, result.width)))
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from deepserve.client import DeepServeClient
+
+    if args.user is None and not args.neighbors:
+        print("deepserve recommend: give --user ID, or --neighbors ID... for a new user", file=sys.stderr)
+        return 2
+    with DeepServeClient(_target(args)) as client:
+        response = client.recommend(user=args.user, neighbors=args.neighbors or [], k=args.k,
+                                    exclude_known=not args.include_known, model=args.model)
+    who = f"user {args.user}" if args.user is not None else "a new user"
+    how = " (cold start from its neighbours)" if response.cold_start else ""
+    print(f"{response.model} v{response.version}: top {len(response.users)} for {who}{how}")
+    for rank, r in enumerate(response.users, 1):
+        print(f"  {rank:3d}. user {r.user:<8d} score {r.score:8.3f}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepserve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -211,6 +275,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--label-column", help="label column in --data, used for evaluation only")
     b.add_argument("--name", help="model name for a --data build (default fraud-autoencoder)")
     b.add_argument("--fpr", type=float, default=0.01, help="false-positive rate the threshold is calibrated to")
+    b.add_argument("--edges", type=Path, metavar="PATH",
+                   help="edge-list CSV for graph-recommender (bring your own graph)")
+    b.add_argument("--node-features", type=Path, metavar="PATH",
+                   help="node-feature CSV (id, then numeric columns) to go with --edges")
     b.add_argument("--repo", type=Path, default=default_root(), help="model repository directory")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=_build)
@@ -244,12 +312,41 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--digit", type=int, choices=range(10), help="send a bundled example of this digit")
             c.add_argument("--top-k", type=int, default=3)
         c.set_defaults(func=func)
+
+    g = sub.add_parser("generate", help="generate digit images (digit-diffusion, digit-dcgan), saved as PNGs")
+    g.add_argument("--target", help="server address (default 127.0.0.1:$DEEPSERVE_GRPC_PORT or :9000)")
+    g.add_argument("--model", default="", help="generator (default digit-diffusion)")
+    g.add_argument("--label", type=int, help="digit to generate (default: none)")
+    g.add_argument("--count", type=int, default=1)
+    g.add_argument("--seed", type=int, help="same seed, same images (default: picked by the server)")
+    g.add_argument("--steps", type=int, default=0, help="sampling steps (default: the model's)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--sampler", default="", choices=("", "ddim", "ddpm"), help="diffusion sampler (default ddim)")
+    g.add_argument("--out", type=Path, default=Path("generated"), help="directory for the PNGs")
+    g.add_argument("--timeout", type=float, default=60.0)
+    g.add_argument("--quiet", action="store_true", help="no text rendering of the images")
+    g.set_defaults(func=_generate)
+
+    r = sub.add_parser("recommend", help="recommend users to a user (graph-recommender)")
+    r.add_argument("--target", help="server address (default 127.0.0.1:$DEEPSERVE_GRPC_PORT or :9000)")
+    r.add_argument("--model", default="", help="recommender (default graph-recommender)")
+    r.add_argument("--user", type=int, help="a user in the graph")
+    r.add_argument("--neighbors", type=int, nargs="+", help="a new user's known neighbours (cold start)")
+    r.add_argument("-k", type=int, default=10, help="how many users (1..100)")
+    r.add_argument("--include-known", action="store_true", help="do not leave out known neighbours")
+    r.set_defaults(func=_recommend)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    import grpc
+
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:  # a client command's call failed: say why, no traceback
+        print(f"deepserve {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ class DataPlane:
         runtime = model.runtime
         if not isinstance(runtime, RecommenderRuntime):
             raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a recommender")
-        k = runtime.resolve_k(k)
+        k = runtime.resolve_k(k or None)  # 0: the proto's unset
         unique = list(dict.fromkeys(neighbors))
         if any(n < 0 for n in unique):
             raise InvalidInput(f"neighbors: ids are >= 0, got {min(unique)}")

@@ -78,7 +78,7 @@ class StepBatcher:
 
     async def generate(self, request: GenerationRequest, timeout: float) -> AsyncIterator[Event]:
         """Progress per step, then the :class:`GenerationResult`; raises on deadline or failure."""
-        if len(self._waiting) + len(self._running) >= self.config.max_queued:
+        if self.in_flight >= self.config.max_queued:
             raise Overloaded(
                 f"model '{self.runtime.name}' is overloaded: {self.config.max_queued} requests in flight; "
                 "retry with backoff"
@@ -105,6 +105,11 @@ class StepBatcher:
         finally:
             entry.closed = True  # whatever ended the stream, the job stops at the next step
 
+    @property
+    def in_flight(self) -> int:
+        """Requests running or waiting (a closed one may linger until the next step boundary)."""
+        return sum(not e.closed for e in self._waiting) + sum(not e.closed for e in self._running)
+
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
         raise InvalidInput(f"model '{self.runtime.name}' is a generator: use Generate or the 'label' input")
 
@@ -115,7 +120,7 @@ class StepBatcher:
             "batch_runs": self.steps_run,
             "batched_requests": self.job_steps,
             "largest_batch": self.largest,
-            "in_flight": len(self._waiting) + len(self._running),
+            "in_flight": self.in_flight,
             "threaded": True,
         }
 

@@ -246,7 +246,7 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
             steps=request.steps or None,
             guidance=request.guidance if request.HasField("guidance") else None,
             sampler=request.sampler or None,
-            preview_every=request.preview_every if stream else 0,
+            preview_every=request.preview_every,  # validated for both; only streams carry previews
             progress=stream,
             remaining=context.time_remaining(),
         )

@@ -664,8 +664,9 @@ class RecommenderRuntime(Runtime):
                 "exclude_known": np.ones(rows, bool)}
 
     def resolve_k(self, k: Any) -> int:
-        if k is None or k == 0:
-            return self.DEFAULT_K
+        """The request's ``k`` (an integer, or a numeric string), ``DEFAULT_K`` when unset."""
+        if k is None:
+            return min(self.DEFAULT_K, self.max_k)
         value = k
         if isinstance(value, str):
             try:

@@ -48,6 +48,20 @@ def test_mix_meets_lenient_slos_with_every_workload(server, tmp_path):
     assert float(rows["Total"]["p50_ms"]) <= float(rows["Total"]["p99_ms"])
 
 
+def test_every_workload_runs_without_failures(server, tmp_path):
+    out = tmp_path / "every"
+    result = run_loadtest("--host", server, "--users", "4", "--spawn-rate", "4", "--duration", "8",
+                          "--user", "EveryModelUser", "--out", str(out), "--slo-error-rate", "0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(out.with_name("every_summary.json").read_text())
+    names = MIX | {"Generator.Generate[diffusion]", "Generator.Generate[dcgan]", "Recommender.Recommend",
+                   "Recommender.Recommend[cold]"}
+    assert {w["name"] for w in summary["workloads"]} == names and summary["skipped_workloads"] == []
+    for name in names:
+        assert summary["requests"][name]["requests"] > 0, name
+        assert summary["requests"][name]["failures"] == 0, name
+
+
 def test_missed_slo_exits_1_and_names_it(server, tmp_path):
     result = run_loadtest("--host", server, "--users", "2", "--duration", "2", "--user", "FraudScoreUser",
                           "--out", str(tmp_path / "slo"), "--slo-p99-ms", "0.001", "--slo-error-rate", "0.5")
