@@ -12,7 +12,8 @@ import pytest
 from deepserve.repository import ModelRepository, default_root
 
 PROJECT = Path(__file__).resolve().parent.parent
-REQUIRED_MODELS = ("fraud-autoencoder", "digit-classifier", "digit-classifier-robust")
+REQUIRED_MODELS = ("fraud-autoencoder", "digit-classifier", "digit-classifier-robust", "digit-dcgan",
+                   "digit-diffusion", "graph-recommender")
 
 
 @pytest.fixture(scope="session")
@@ -36,13 +37,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# The models as the tests serve them: both placements are exercised, and digit-classifier
-# gets a tiny queue so that overload can be provoked (RESOURCE_EXHAUSTED).
+# The models as the tests serve them: both placements are exercised (the diffusion model's
+# streams cross Serve's handle), and digit-classifier gets a tiny queue so that overload
+# can be provoked (RESOURCE_EXHAUSTED).
 TEST_MODELS = {
     "fraud-autoencoder": {"placement": "gateway", "batching": {"max_batch_size": 64}},
     "digit-classifier": {"placement": "gateway",
                          "batching": {"max_batch_size": 4, "max_queued": 4, "threaded": True}},
     "digit-classifier-robust": {"placement": "deployment"},
+    "digit-dcgan": {"placement": "gateway", "batching": {"max_batch_size": 256}},
+    "digit-diffusion": {"placement": "deployment", "batching": {"max_batch_size": 512, "max_queued": 64}},
+    "graph-recommender": {"placement": "gateway", "batching": {"max_batch_size": 64}},
 }
 MAX_ROWS = 1024
 METRICS_PORT = free_port()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import METRICS_PORT, free_port
+from conftest import METRICS_PORT, TEST_MODELS, free_port
 from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
 from deepserve.proto import inference_pb2 as oip
@@ -175,18 +175,28 @@ def test_model_health_series(prometheus, server, repository):
     assert reaches(prometheus, flagged, before_flagged + expected) == before_flagged + expected
 
     ready = query(prometheus, "max by (model) (ray_deepserve_model_ready)")
-    assert {r["metric"]["model"]: float(r["value"][1]) for r in ready} == {
-        "fraud-autoencoder": 1.0, "digit-classifier": 1.0, "digit-classifier-robust": 1.0}
+    assert {r["metric"]["model"]: float(r["value"][1]) for r in ready} == dict.fromkeys(TEST_MODELS, 1.0)
     info = query(prometheus, "ray_deepserve_model_info")
     assert {(r["metric"]["model"], r["metric"]["placement"], r["metric"]["provider"]) for r in info} == {
-        ("fraud-autoencoder", "gateway", "CPUExecutionProvider"),
-        ("digit-classifier", "gateway", "CPUExecutionProvider"),
-        ("digit-classifier-robust", "deployment", "CPUExecutionProvider")}
+        (name, entry["placement"], "CPUExecutionProvider") for name, entry in TEST_MODELS.items()}
     assert scalar(prometheus, 'sum(ray_deepserve_batch_size_requests_count{model="digit-classifier-robust"})') > 0
     assert scalar(prometheus, "sum(ray_deepserve_classifier_confidence_ratio_count)") > 0
     assert scalar(prometheus, 'sum(ray_deepserve_process_resident_memory_bytes{component="gateway"})') > 1e7
     # The recording rules evaluate on real data.
     assert reaches(prometheus, 'count(deepserve:requests:rate1m{model="fraud-autoencoder"})', 1) >= 1
+
+
+@needs_prometheus
+def test_generation_series_count_steps_and_images(prometheus, server):
+    steps = 'sum(ray_deepserve_generation_steps_total{model="digit-diffusion"})'
+    images = 'sum(ray_deepserve_generated_images_total{model="digit-diffusion"})'
+    before_steps, before_images = settled(prometheus, steps), settled(prometheus, images)
+    with grpc.insecure_channel(server) as channel:
+        stub = v1_grpc.GeneratorStub(channel)
+        response = stub.Generate(v1.GenerateRequest(label=2, count=3, steps=7, seed=1), timeout=30)
+    assert len(response.images) == 3
+    assert reaches(prometheus, steps, before_steps + 7) == before_steps + 7
+    assert reaches(prometheus, images, before_images + 3) == before_images + 3
 
 
 @pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"), reason="promtool not installed")

@@ -16,9 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from conftest import TEST_MODELS
 from deepserve.models import digits, fraud
 
-MODELS = ("fraud-autoencoder", "digit-classifier", "digit-classifier-robust")
+# Models whose served signature is their graph's (the generators take labels: test_generation.py).
+MODELS = ("fraud-autoencoder", "digit-classifier", "digit-classifier-robust", "graph-recommender")
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +175,7 @@ def test_classify_pixels_and_png(client, held_out_digits, direct):
 
 def test_list_models_shows_provider(client, repository):
     models = {m.name: m for m in client.list_models().models}
-    assert set(models) == set(MODELS)
+    assert set(models) == set(TEST_MODELS)
     for name, info in models.items():
         assert info.ready and info.execution_provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
         assert info.sha256 == repository.get(name).manifest.sha256
@@ -186,7 +188,7 @@ def test_list_models_shows_provider(client, repository):
 def test_health_overall_and_per_model(server):
     with grpc.insecure_channel(server) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        for service in ("", *MODELS):
+        for service in ("", *TEST_MODELS):
             status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING, service
         with pytest.raises(grpc.RpcError) as info:
@@ -201,6 +203,7 @@ def test_reflection_lists_every_api(server):
         response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
         names = {s.name for s in response.list_services_response.service}
         assert {"inference.GRPCInferenceService", "deepserve.v1.FraudScoring", "deepserve.v1.Classifier",
+                "deepserve.v1.Generator", "deepserve.v1.Recommender", "deepserve.v1.Models",
                 "grpc.health.v1.Health"} <= names
         symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")
         found = next(iter(stub.ServerReflectionInfo(iter([symbol]), timeout=5)))
