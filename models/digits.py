@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,6 +190,205 @@ def evaluate(net: DigitCNN, split: DigitsSplit) -> dict:
     metrics["confusion_matrix"] = confusion.tolist()
     metrics["test_size"] = int(len(split.y_test))
     return metrics
+
+
+# ---------------------------------------------------------------------------- judging generated images
+#
+# The generators (``dcgan.py``, ``diffusion.py``) are judged by the exported classifier:
+# does it see the requested digit, and do the generated images' penultimate-layer features
+# follow the real images' distribution (the Frechet distance of Heusel et al., 2017, with
+# this classifier in place of Inception)? Serving tests use the same functions.
+
+JUDGE_NOISE_SEED = 0  # the uniform-noise reference images are the same on every call
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """The Frechet distance between Gaussians fitted to two sets of feature vectors.
+
+    ``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))``. The trace of the matrix square
+    root is computed as the sum of the square roots of the eigenvalues of the symmetric
+    ``C_a^(1/2) C_b C_a^(1/2)`` (similar to ``C_a C_b``): real by construction, and tiny
+    negative eigenvalues from rounding are clipped to 0 rather than turning into imaginary
+    parts.
+
+    Args:
+        features_a: (N, D) features of one set (N >= 2).
+        features_b: (M, D) features of the other (M >= 2).
+
+    Returns:
+        The distance (>= 0; 0 for identical sets).
+    """
+    a = np.asarray(features_a, dtype=np.float64)
+    b = np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"expected two (N, D) feature sets with N >= 2, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # (D, D)
+    values, vectors = np.linalg.eigh(cov_a)
+    sqrt_a = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T  # C_a^(1/2), symmetric
+    middle = sqrt_a @ cov_b @ sqrt_a
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)).sum()
+    distance = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt)
+    return max(distance, 0.0)
+
+
+def classifier_outputs(session, images: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, features)`` of an exported classifier's ONNX Runtime session."""
+    images = np.asarray(images, dtype=np.float32)
+    parts = [session.run(["probabilities", "features"], {"images": images[i : i + batch]})
+             for i in range(0, len(images), batch)]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
+
+
+def judge(classifier_session, images: np.ndarray, requested_labels: np.ndarray,
+          real_images: np.ndarray) -> dict:
+    """The classifier's verdict on generated images.
+
+    Args:
+        classifier_session: an ONNX Runtime session of an exported digit classifier
+            (inputs ``images``; outputs ``probabilities`` and ``features``).
+        images: (N, 1, 8, 8) generated images, pixels in [0, 1].
+        requested_labels: (N,) the class asked for per image.
+        real_images: (M, 1, 8, 8) real images to compare with, e.g. the classifier's
+            held-out split (``load_digits_split(seed).x_test``).
+
+    Returns:
+        ``class_accuracy`` (the classifier's top class is the requested one),
+        ``frechet_distance`` (generated vs real, penultimate-layer features),
+        ``noise_frechet_distance`` (as many U[0, 1] noise images vs real: the scale of a
+        useless generator) and ``frechet_ratio`` (the first over the second; 0 is ideal).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    requested = np.asarray(requested_labels).reshape(-1)
+    if len(images) != len(requested):
+        raise ValueError(f"{len(images)} images but {len(requested)} labels")
+    probabilities, generated = classifier_outputs(classifier_session, images)
+    _, real = classifier_outputs(classifier_session, real_images)
+    noise_images = np.random.default_rng(JUDGE_NOISE_SEED).random(images.shape, dtype=np.float32)
+    _, noise = classifier_outputs(classifier_session, noise_images)
+    fd = frechet_distance(generated, real)
+    noise_fd = frechet_distance(noise, real)
+    return {
+        "class_accuracy": float((probabilities.argmax(axis=1) == requested).mean()),
+        "frechet_distance": fd,
+        "noise_frechet_distance": noise_fd,
+        "frechet_ratio": fd / noise_fd,
+        "judged_images": int(len(images)),
+    }
+
+
+@dataclass
+class Judge:
+    """An exported digit classifier judging generated images against its held-out split."""
+
+    session: Any              # ONNX Runtime session of the classifier
+    real_images: np.ndarray   # (M, 1, 8, 8): the classifier's held-out images
+    reference_images: np.ndarray  # (N, 1, 8, 8): real training images, for the real-vs-real floor
+    classifier: str           # "name vN", for cards
+    split_seed: int
+
+    @classmethod
+    def from_repository(cls, repo: Path, name: str = "digit-classifier") -> "Judge":
+        """Load the latest ``name`` from the model repository at ``repo``.
+
+        Raises:
+            RuntimeError: the classifier is not in the repository yet.
+        """
+        import onnxruntime as ort
+
+        from deepserve.repository import ModelRepository
+
+        repository = ModelRepository(repo)
+        if not repository.versions(name):
+            raise RuntimeError(
+                f"the generators are judged by '{name}', which is not in the repository {repository.root}; "
+                f"build it first: deepserve build --repo {repository.root} --only {name}"
+            )
+        model, data = repository.load(name)
+        split_seed = int(model.manifest.training_data["split_seed"])
+        split = load_digits_split(split_seed)
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        return cls(session, split.x_test, split.x_train, f"{name} v{model.manifest.version}", split_seed)
+
+    def __call__(self, images: np.ndarray, requested_labels: np.ndarray) -> dict:
+        return judge(self.session, images, requested_labels, self.real_images)
+
+    def real_floor(self, count: int) -> float:
+        """The Frechet distance of ``count`` real training images to the held-out ones: what a
+        perfect generator would score with that many samples (the estimate is biased upward
+        for small counts)."""
+        return frechet_distance(classifier_outputs(self.session, self.reference_images[:count])[1],
+                                classifier_outputs(self.session, self.real_images)[1])
+
+
+def balanced_labels(count: int, classes: int = 10) -> np.ndarray:
+    """``count`` labels cycling through the classes: 0, 1, ..., 9, 0, 1, ..."""
+    return np.arange(count, dtype=np.int64) % classes
+
+
+def serving_runtime(onnx_bytes: bytes, manifest: Manifest):
+    """The runtime that serves ``manifest``'s kind, with a session on ``onnx_bytes``."""
+    from deepserve.runtime import runtime_for
+
+    runtime = runtime_for(manifest)
+    runtime.load(onnx_bytes)
+    return runtime
+
+
+def generate_through_runtime(runtime, labels: np.ndarray, seed: int, steps: int | None = None,
+                             guidance: float | None = None, sampler: str | None = None) -> np.ndarray:
+    """Images for ``labels`` through the serving code path, one request per ``MAX_COUNT`` images.
+
+    Request ``k`` uses seed ``seed + k``; image ``i`` of a request depends on its seed and
+    ``i`` only, so the first images of a longer call equal those of a shorter one.
+
+    Args:
+        runtime: a loaded :class:`deepserve.runtime.GenerativeRuntime`.
+        labels: (N,) the class per image.
+
+    Returns:
+        (N, 1, H, W) images in [0, 1].
+    """
+    from deepserve.generation import generate_now
+
+    labels = np.asarray(labels, dtype=np.int64)
+    size = runtime.MAX_COUNT
+    parts = []
+    for k, start in enumerate(range(0, len(labels), size)):
+        request = runtime.request(labels[start : start + size], seed=seed + k, steps=steps,
+                                  guidance=guidance, sampler=sampler)
+        parts.append(generate_now(runtime, request).images)
+    return np.concatenate(parts)
+
+
+def save_image_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: str,
+                    column_labels: list[str] | None = None) -> None:
+    """A PNG of images in rows: ``rows[r]`` is (columns, 1, H, W) in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.55 * n_cols + 0.8, 0.55 * n_rows + 0.6),
+                             squeeze=False)
+    for r, images in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(images[c, 0], cmap="gray_r", vmin=0.0, vmax=1.0)
+            else:
+                ax.axis("off")
+            if c == 0:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
+            if column_labels and r == 0 and c < len(column_labels):
+                ax.set_title(column_labels[c], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- model card

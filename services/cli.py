@@ -23,6 +23,8 @@ BUILDABLE = {
     "fraud-autoencoder": "fraud",
     "digit-classifier": "digits",
     "digit-classifier-robust": "digits",
+    "digit-dcgan": "dcgan",  # the generators are judged by digit-classifier: built after it
+    "digit-diffusion": "diffusion",
     "graph-recommender": "graph",
 }
 
@@ -43,6 +45,11 @@ def _build(args: argparse.Namespace) -> int:
         return 2
     if args.data is not None and not args.data.is_file():
         print(f"deepserve build: --data {args.data}: no such file", file=sys.stderr)
+        return 2
+    judged = [n for n in names if BUILDABLE[n] in ("dcgan", "diffusion")]
+    if judged and "digit-classifier" not in names and not ModelRepository(args.repo).versions("digit-classifier"):
+        print(f"deepserve build: {judged} are judged by digit-classifier, which is not in {args.repo}; "
+              "build it first (--only digit-classifier)", file=sys.stderr)
         return 2
     repo = args.repo
     repo.mkdir(parents=True, exist_ok=True)
@@ -66,6 +73,14 @@ def _build(args: argparse.Namespace) -> int:
         from deepserve.models import digits
 
         written += digits.build(repo, args.seed, digit_names)
+    if "digit-dcgan" in names:
+        from deepserve.models import dcgan
+
+        written.append(dcgan.build(repo, args.seed))
+    if "digit-diffusion" in names:
+        from deepserve.models import diffusion
+
+        written.append(diffusion.build(repo, args.seed))
     if "graph-recommender" in names:
         from deepserve.models import graph
 
