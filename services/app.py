@@ -58,11 +58,11 @@ def _backend_for(runtime, batching: dict[str, Any]):
     return BatchingBackend(runtime, config)
 
 
-def _load_runtime(repository: str, name: str, version: str, max_rows: int, placement: str):
-    model, data = ModelRepository(repository).load(name, version)  # sha256-verified bytes
+def _load_runtime(repository: str, name: str, entry: dict[str, Any], max_rows: int, placement: str):
+    model, data = ModelRepository(repository).load(name, entry["version"])  # sha256-verified bytes
     runtime = runtime_for(model.manifest, max_rows)
-    runtime.load(data)  # session + warm-up: ready means ready
-    metrics.get().loaded(name, version, runtime.kind, placement, runtime.provider, runtime.load_seconds)
+    runtime.load(data, entry["intra_op_threads"])  # session + warm-up: ready means ready
+    metrics.get().loaded(name, entry["version"], runtime.kind, placement, runtime.provider, runtime.load_seconds)
     return runtime
 
 
@@ -80,9 +80,9 @@ class ModelReplica:
     Concurrent calls are batched by the same :class:`BatchingBackend` the gateway uses.
     """
 
-    async def __init__(self, repository: str, name: str, version: str, max_rows: int, batching: dict[str, Any]):
-        self.runtime = _load_runtime(repository, name, version, max_rows, "deployment")
-        self.backend = _backend_for(self.runtime, batching)
+    async def __init__(self, repository: str, name: str, entry: dict[str, Any], max_rows: int):
+        self.runtime = _load_runtime(repository, name, entry, max_rows, "deployment")
+        self.backend = _backend_for(self.runtime, entry["batching"])
         self.pid = os.getpid()
         self.gauges = asyncio.get_running_loop().create_task(_refresh_gauges(f"replica:{name}"))
 
@@ -193,7 +193,7 @@ class Gateway:
         served = []
         for name, entry in plan.items():
             if entry["placement"] == "gateway":
-                runtime = _load_runtime(repository, name, entry["version"], settings.max_rows_per_request, "gateway")
+                runtime = _load_runtime(repository, name, entry, settings.max_rows_per_request, "gateway")
                 backend = _backend_for(runtime, entry["batching"])
             else:
                 runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request)
@@ -255,7 +255,8 @@ def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = N
 
     Args:
         args: ``repository`` (default ``$DEEPSERVE_MODEL_REPOSITORY``); ``models``: a mapping
-            from model name to ``{placement: gateway|deployment, batching: {...}}`` (default:
+            from model name to ``{placement: gateway|deployment, batching: {...},
+            intra_op_threads: N}`` (ONNX Runtime threads per session run, default 1) (default:
             every model in the repository, in the gateway); and any
             :class:`~deepserve.settings.Settings` field (``grpc_port``, ...).
         deployments: per-deployment options as in a Serve config's ``deployments`` section
@@ -280,11 +281,15 @@ def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = N
         if placement not in PLACEMENTS:
             raise ValueError(f"model '{name}': placement must be one of {PLACEMENTS}, got '{placement}'")
         batching = BatchingConfig.from_dict(entry.pop("batching", None))  # validate now, not in a replica
+        threads = entry.pop("intra_op_threads", 1)
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"model '{name}': intra_op_threads must be a positive integer, got {threads!r}")
         if entry:
             raise ValueError(f"model '{name}': unknown option(s) {sorted(entry)}")
         version = repo.latest_version(name)
         repo.get(name, version).read_model_bytes()  # fail at deploy time, with the file named
-        plan[name] = {"placement": placement, "version": version, "batching": vars(batching)}
+        plan[name] = {"placement": placement, "version": version, "batching": vars(batching),
+                      "intra_op_threads": threads}
 
     remote = [n for n, e in plan.items() if e["placement"] == "deployment"]
     unknown = set(overrides) - set(remote) - {"Gateway"}
@@ -292,7 +297,7 @@ def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = N
         raise ValueError(f"the config names deployments {sorted(unknown)}; deployable: {['Gateway', *remote]}")
     handles = {
         name: ModelReplica.options(name=name, **overrides.get(name, {})).bind(
-            repository, name, plan[name]["version"], options.max_rows_per_request, plan[name]["batching"])
+            repository, name, plan[name], options.max_rows_per_request)
         for name in remote
     }
     return Gateway.options(**overrides.get("Gateway", {})).bind(repository, plan, handles, args)

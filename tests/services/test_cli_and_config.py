@@ -48,3 +48,36 @@ def test_shipped_serve_config_is_valid_and_builds(repository):
     args = {**app_config["args"], "repository": str(repository.root)}
     app = build_app(args, app_config["deployments"])
     assert app is not None
+
+
+def test_generate_command_writes_pngs(server, tmp_path):
+    out = _cli("generate", "--label", "7", "--count", "2", "--seed", "5", "--steps", "8", "--out", str(tmp_path),
+               "--target", server)
+    assert out.startswith("digit-diffusion v1: 2 image(s), seed 5, 8 step(s), sampler ddim")
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["digit-diffusion-seed5-0-label7.png", "digit-diffusion-seed5-1-label7.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
+
+def test_recommend_command_warm_and_cold(server):
+    warm = _cli("recommend", "--user", "42", "-k", "3", "--target", server).splitlines()
+    assert warm[0] == "graph-recommender v1: top 3 for user 42" and len(warm) == 4
+    cold = _cli("recommend", "--neighbors", "3", "17", "256", "--target", server).splitlines()
+    assert cold[0].endswith("for a new user (cold start from its neighbours)") and len(cold) == 11
+
+
+def test_client_command_errors_are_one_line(server):
+    done = subprocess.run([sys.executable, "-m", "deepserve.cli", "recommend", "--user", "1", "-k", "500",
+                           "--target", server], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("deepserve recommend: INVALID_ARGUMENT: k: expected")
+    assert "Traceback" not in done.stderr
+
+
+def test_model_options_are_checked_at_deploy_time(repository):
+    import pytest
+
+    for bad, fragment in [({"intra_op_threads": 0}, "intra_op_threads"), ({"placement": "gpu"}, "placement"),
+                          ({"speed": "fast"}, "unknown option")]:
+        with pytest.raises(ValueError, match=fragment):
+            build_app({"repository": str(repository.root), "models": {"digit-diffusion": bad}})
