@@ -10,7 +10,8 @@ Each model has a placement (see docs/architecture.md):
 Either way Serve owns every replica: it starts them, health-checks them, restarts them
 and scales them. Serve's own gRPC proxy is not used: clients talk to the gateway.
 Replicas load the verified ONNX file and warm the session up before they report ready;
-both placements batch concurrent requests with :class:`~deepserve.batching.BatchingBackend`.
+both placements batch concurrent requests with :class:`~deepserve.batching.BatchingBackend`,
+or step by step with :class:`~deepserve.generation.StepBatcher` for generators.
 
 ``build_app`` is the application builder that ``serve run deploy/serve_config.yaml`` and
 ``deepserve serve`` both use.

@@ -329,7 +329,8 @@ class GenerationJob:
     and what it does with that run's outputs. Jobs of different requests share runs
     (:class:`~deepserve.generation.StepBatcher`)."""
 
-    rows: int
+    request: GenerationRequest
+    rows: int  # network rows this job adds to a session run
     done: bool = False
 
     def feeds(self) -> dict[str, np.ndarray]:
