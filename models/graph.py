@@ -1116,6 +1116,9 @@ def build(repo: Path, seed: int, options: GraphBuildOptions | None = None) -> Pa
             "cold_start": COLD_START,
             "feature_names": feature_names,
             "max_degree": int(model.neighbor_table.shape[1]),
+            # Users the graph holds without a training edge (the held-out ones, isolated users):
+            # sent with neighbours, they are embedded from them like new users (cold start).
+            "edgeless_users": np.flatnonzero(np.bincount(split.train_edges.ravel(), minlength=n) == 0).tolist(),
             "masked_score": MASKED_SCORE,
             "config": asdict(cfg),
         },

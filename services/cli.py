@@ -245,7 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
         for event in client.generate_stream(label=args.label, count=args.count, seed=args.seed, **options):
             if event.HasField("progress"):
                 step, steps = event.progress.step, event.progress.steps
-                print(f"\rstep {step}/{steps} [{'#' * (30 * step // steps):30s}]", end="", file=sys.stderr)
+                print(f"\rstep {step}/{steps} [{'#' * (30 * step // steps):30s}]", end="", file=sys.stderr, flush=True)
             else:
                 result = event.result
     print(file=sys.stderr)

@@ -659,6 +659,8 @@ class RecommenderRuntime(Runtime):
         self.num_users = int(extra["num_users"])
         node_ids = extra.get("node_ids")
         self.node_ids = None if node_ids is None else np.asarray(node_ids, dtype=np.int64)  # sorted
+        # Graph indices without a training edge: given neighbours, the graph embeds them from those.
+        self.edgeless = np.asarray(extra.get("edgeless_users", []), dtype=np.int64)
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
         return {"user": np.zeros(rows, np.int64), "neighbors": np.full((rows, 1), -1, np.int64),
@@ -732,9 +734,12 @@ class RecommenderRuntime(Runtime):
 
     def recommendations(self, graph_inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], k: int) -> list[Recommendation]:
         ids = self.to_ids(outputs["ids"][:, :k])
+        users = graph_inputs["user"]
+        given = (graph_inputs["neighbors"] >= 0).any(axis=1)
+        cold = (users < 0) | (np.isin(users, self.edgeless) & given)
         return [
-            Recommendation(ids=row.tolist(), scores=scores.tolist(), cold_start=bool(user < 0))
-            for row, scores, user in zip(ids, outputs["scores"][:, :k], graph_inputs["user"])
+            Recommendation(ids=row.tolist(), scores=scores.tolist(), cold_start=bool(c))
+            for row, scores, c in zip(ids, outputs["scores"][:, :k], cold)
         ]
 
 

@@ -107,6 +107,10 @@ def test_cold_start_excludes_the_given_neighbours_and_unknown_ids_use_them(clien
     # An id the graph does not hold, with neighbours: the same cold start.
     unknown = client.recommend(user=10**12, neighbors=neighbours, k=20)
     assert unknown.cold_start and [r.user for r in unknown.users] == [r.user for r in new.users]
+    # A held-out user is in the graph without edges: sent by id with its neighbours, it is
+    # embedded from them too, and says so.
+    by_id = client.recommend(user=int(split.cold_users[0]), neighbors=neighbours, k=20)
+    assert by_id.cold_start and int(split.cold_users[0]) not in {r.user for r in by_id.users}
     # Order and duplicates in the list do not matter.
     shuffled = client.recommend(neighbors=neighbours[::-1] + neighbours[:1], k=20)
     assert [r.user for r in shuffled.users] == [r.user for r in new.users]
