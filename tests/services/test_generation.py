@@ -200,6 +200,21 @@ def test_cancelling_a_stream_stops_its_work_and_spares_the_others(client):
     assert 200 + 10 <= done < 200 + 500, done
 
 
+def test_cancelling_a_generate_call_stops_its_work(client):
+    before = _diffusion_batching(client)["batched_requests"]
+    request = client.generate_request(label=1, count=8, seed=3, steps=1000, sampler="ddpm")
+    call = client.generator.Generate.future(request, timeout=60)
+    time.sleep(1.0)
+    assert call.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _diffusion_batching(client)["in_flight"] > 0:
+        time.sleep(0.1)
+    time.sleep(1.5)  # two readiness polls: the report is current
+    stats = _diffusion_batching(client)
+    assert stats["in_flight"] == 0
+    assert 0 < stats["batched_requests"] - before < 900  # stopped well before its 1,000 steps
+
+
 @pytest.mark.parametrize("options, fragment", [
     ({"count": 65}, "count: expected 1..64"),
     ({"steps": 1001}, "steps: expected 1..1000"),
