@@ -210,30 +210,15 @@ def train(x: np.ndarray, y: np.ndarray, cfg: DCGANConfig, seed: int) -> tuple[Ge
 # ---------------------------------------------------------------------------- evaluation and card
 
 
-EVAL_SAMPLES = 1000  # 100 per class
-EVAL_SEED = 1_000_000  # request seeds for the judged samples (the card's grid uses 0..)
-
-
 def evaluate(onnx_bytes: bytes, manifest: Manifest, judge: digits.Judge) -> dict:
     """The judge's figures for the exported graph, sampled through the serving runtime."""
-    runtime = digits.serving_runtime(onnx_bytes, manifest)
-    labels = digits.balanced_labels(EVAL_SAMPLES)
-    started = time.perf_counter()
-    images = digits.generate_through_runtime(runtime, labels, EVAL_SEED)
-    seconds = time.perf_counter() - started
-    figures = judge(images, labels)
-    return {
-        **figures,
-        "real_frechet_distance": judge.real_floor(EVAL_SAMPLES),
-        "seconds_per_image": seconds / EVAL_SAMPLES,
-    }
+    return digits.judge_generator(digits.serving_runtime(onnx_bytes, manifest), judge)[0]
 
 
 def _write_card(directory: Path, manifest: Manifest, judge: digits.Judge) -> None:
     runtime = digits.serving_runtime((directory / MODEL_FILE).read_bytes(), manifest)
-    grid = [digits.generate_through_runtime(runtime, np.full(10, c), seed=c) for c in range(NUM_CLASSES)]
-    digits.save_image_grid(directory / "samples.png", grid, [str(c) for c in range(NUM_CLASSES)],
-                           f"{manifest.name}: 10 samples per class (request seed = class)")
+    digits.save_samples_grid(directory / "samples.png", runtime,
+                             f"{manifest.name}: 10 samples per class (request seed = class)")
     m, cfg = manifest.metrics, manifest.extra["config"]
     text = card_header(manifest) + (
         "## Data\n\n"
@@ -241,22 +226,7 @@ def _write_card(directory: Path, manifest: Manifest, judge: digits.Judge) -> Non
         "## Architecture and training\n\n"
         + _ARCHITECTURE.format(**cfg, d_channels2=2 * cfg["d_channels"]) + "\n"
         f"Training took {m['train_seconds']:.0f} s on one CPU thread.\n\n"
-        "## Judged by the digit classifier\n\n"
-        f"{EVAL_SAMPLES} images (100 per class) generated from the exported graph through the serving "
-        f"runtime, judged by `{judge.classifier}`: class accuracy is the share the classifier reads "
-        "as the requested digit; the Frechet distance compares its penultimate-layer features "
-        f"with those of its {len(judge.real_images)} held-out images (split seed {judge.split_seed}).\n\n"
-        "| figure | value |\n|---|---|\n"
-        f"| class accuracy | {m['class_accuracy']:.3f} |\n"
-        f"| Frechet distance (generated vs held-out) | {m['frechet_distance']:.2f} |\n"
-        f"| Frechet distance, {EVAL_SAMPLES} real training images vs held-out (the floor) "
-        f"| {m['real_frechet_distance']:.2f} |\n"
-        f"| Frechet distance, uniform noise vs held-out | {m['noise_frechet_distance']:.4g} |\n"
-        f"| Frechet ratio (generated / noise) | {m['frechet_ratio']:.2e} |\n"
-        f"| time per image (requests of 64, one thread) | {1000 * m['seconds_per_image']:.3f} ms |\n\n"
-        "The noise reference is far away because the classifier standardizes each pixel: noise on "
-        "the nearly always blank border pixels moves its features a long way. The real-vs-real "
-        "floor is the more telling comparison.\n\n"
+        + digits.judge_card_section(manifest, judge, "") +
         "![samples per class](samples.png)\n\n"
         "## Limits\n\n"
         "8x8 grayscale digits only, from 1,437 training images: the generator imitates that "
@@ -302,16 +272,7 @@ def build(repo: Path, seed: int) -> Path:
                 "image_shape": [8, 8],
                 "in_graph": "tanh output mapped to [0, 1]; batch norm with fixed (eval) statistics",
             },
-            training_data={
-                "description": "scikit-learn's bundled 8x8 handwritten digits, the training part "
-                               f"({len(split.y_train)} images) of the classifiers' stratified 80/20 split "
-                               f"(seed {seed}); pixels scaled to [-1, 1] for training.",
-                "source": "sklearn.datasets.load_digits",
-                "train_size": int(len(split.y_train)),
-                "split_seed": seed,
-                "judge": judge.classifier,
-                "judge_split_seed": judge.split_seed,
-            },
+            training_data=digits.generator_training_data(split, seed, judge),
             metrics={**training, "train_seconds": train_seconds},
             seed=seed,
             extra={

@@ -183,9 +183,7 @@ DEFAULT_STEPS = 20
 # twenty unrecognisable, 2.0 and above buy little accuracy and narrow the styles (the
 # Frechet distance grows); 1.5 keeps accuracy near 0.99 for a somewhat larger distance.
 DEFAULT_GUIDANCE = 1.5
-EVAL_SAMPLES = 1000  # 100 per class, with the defaults
 COMPARE_SAMPLES = 300  # per sampler / guidance variant
-EVAL_SEED = 1_000_000  # request seeds for the judged samples (the card's grids use 0..)
 PREVIEW_COLUMNS = 10
 
 
@@ -203,28 +201,20 @@ def evaluate(onnx_bytes: bytes, manifest: Manifest, judge: digits.Judge) -> dict
     """The judge's figures for the exported denoiser, sampled through the serving runtime.
 
     The headline figures use the defaults (DDIM, ``default_steps``, ``default_guidance``)
-    over ``EVAL_SAMPLES`` images; each variant of :func:`_variants` is judged over the first
+    over ``digits.JUDGED_SAMPLES`` images; each variant of :func:`_variants` is judged over the first
     ``COMPARE_SAMPLES`` (for the default variant, the same images as the headline run).
     """
     runtime = digits.serving_runtime(onnx_bytes, manifest)
-    labels = digits.balanced_labels(EVAL_SAMPLES)
-    started = time.perf_counter()
-    images = digits.generate_through_runtime(runtime, labels, EVAL_SEED)
-    seconds = time.perf_counter() - started
-    figures = {
-        **judge(images, labels),
-        "real_frechet_distance": judge.real_floor(EVAL_SAMPLES),
-        "seconds_per_image": seconds / EVAL_SAMPLES,
-        "compare_samples": COMPARE_SAMPLES,
-        "real_frechet_distance_compare": judge.real_floor(COMPARE_SAMPLES),
-    }
+    figures, images, labels, seconds = digits.judge_generator(runtime, judge)
+    figures["compare_samples"] = COMPARE_SAMPLES
+    figures["real_frechet_distance_compare"] = judge.real_floor(COMPARE_SAMPLES)
     few = labels[:COMPARE_SAMPLES]
     for name, options in _variants(runtime.default_guidance).items():
         if name == "ddim":
-            sample, variant_seconds = images[:COMPARE_SAMPLES], seconds * COMPARE_SAMPLES / EVAL_SAMPLES
+            sample, variant_seconds = images[:COMPARE_SAMPLES], seconds * COMPARE_SAMPLES / digits.JUDGED_SAMPLES
         else:
             started = time.perf_counter()
-            sample = digits.generate_through_runtime(runtime, few, EVAL_SEED, **options)
+            sample = digits.generate_through_runtime(runtime, few, digits.JUDGED_SEED, **options)
             variant_seconds = time.perf_counter() - started
         verdict = judge(sample, few)
         figures[f"{name}_class_accuracy"] = verdict["class_accuracy"]
@@ -249,9 +239,8 @@ def _previews(runtime, seed: int) -> tuple[np.ndarray, list[int]]:
 
 def _write_card(directory: Path, manifest: Manifest, judge: digits.Judge) -> None:
     runtime = digits.serving_runtime((directory / MODEL_FILE).read_bytes(), manifest)
-    grid = [digits.generate_through_runtime(runtime, np.full(10, c), seed=c) for c in range(NUM_CLASSES)]
-    digits.save_image_grid(
-        directory / "samples.png", grid, [str(c) for c in range(NUM_CLASSES)],
+    digits.save_samples_grid(
+        directory / "samples.png", runtime,
         f"{manifest.name}: 10 samples per class (DDIM, {runtime.default_steps} steps, "
         f"guidance {runtime.default_guidance:g}; request seed = class)")
     previews, shown_steps = _previews(runtime, seed=0)
@@ -290,23 +279,7 @@ def _write_card(directory: Path, manifest: Manifest, judge: digits.Judge) -> Non
         f"- **Sampling** (serving, not in the graph): DDIM by default, {extra['default_steps']} "
         f"steps, guidance {extra['default_guidance']:g}; sampler `ddpm` for ancestral sampling; "
         f"1..{extra['max_steps']} steps.\n\n"
-        "## Judged by the digit classifier\n\n"
-        f"{EVAL_SAMPLES} images (100 per class) generated with the defaults from the exported graph "
-        f"through the serving runtime, judged by `{judge.classifier}`: class accuracy is the share "
-        "the classifier reads as the requested digit; the Frechet distance compares its "
-        f"penultimate-layer features with those of its {len(judge.real_images)} held-out images "
-        f"(split seed {judge.split_seed}).\n\n"
-        "| figure | value |\n|---|---|\n"
-        f"| class accuracy | {m['class_accuracy']:.3f} |\n"
-        f"| Frechet distance (generated vs held-out) | {m['frechet_distance']:.2f} |\n"
-        f"| Frechet distance, {EVAL_SAMPLES} real training images vs held-out (the floor) "
-        f"| {m['real_frechet_distance']:.2f} |\n"
-        f"| Frechet distance, uniform noise vs held-out | {m['noise_frechet_distance']:.4g} |\n"
-        f"| Frechet ratio (generated / noise) | {m['frechet_ratio']:.2e} |\n"
-        f"| time per image (requests of 64, one thread) | {1000 * m['seconds_per_image']:.2f} ms |\n\n"
-        "The noise reference is far away because the classifier standardizes each pixel: noise on "
-        "the nearly always blank border pixels moves its features a long way. The real-vs-real "
-        "floor is the more telling comparison.\n\n"
+        + digits.judge_card_section(manifest, judge, "with the defaults") +
         f"Samplers and guidance, {extra['default_steps']} steps, over the first "
         f"{m['compare_samples']} of those images' seeds and labels (real-vs-real floor at this "
         f"count: {m['real_frechet_distance_compare']:.2f}):\n\n"
@@ -323,17 +296,6 @@ def _write_card(directory: Path, manifest: Manifest, judge: digits.Judge) -> Non
 
 
 # ---------------------------------------------------------------------------- build
-
-
-class _Exported(nn.Module):
-    """The served graph: (x_t, t, label) -> predicted noise."""
-
-    def __init__(self, net: UNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t, label)
 
 
 def build(repo: Path, seed: int) -> Path:
@@ -361,7 +323,7 @@ def build(repo: Path, seed: int) -> Path:
         spec = ExportSpec(
             name=NAME,
             kind="diffusion",
-            module=_Exported(net).eval(),
+            module=net.eval(),
             example_inputs=(x_t, t, label),
             input_names=["x", "t", "label"],
             output_names=["eps"],
@@ -377,16 +339,7 @@ def build(repo: Path, seed: int) -> Path:
                 "served_pixels": "sampler output mapped from [-1, 1] to [0, 1]",
                 "sampling": "outside the graph: deepserve.runtime.DiffusionRuntime",
             },
-            training_data={
-                "description": "scikit-learn's bundled 8x8 handwritten digits, the training part "
-                               f"({len(split.y_train)} images) of the classifiers' stratified 80/20 split "
-                               f"(seed {seed}); pixels scaled to [-1, 1].",
-                "source": "sklearn.datasets.load_digits",
-                "train_size": int(len(split.y_train)),
-                "split_seed": seed,
-                "judge": judge.classifier,
-                "judge_split_seed": judge.split_seed,
-            },
+            training_data=digits.generator_training_data(split, seed, judge),
             metrics={**training, "train_seconds": train_seconds},
             seed=seed,
             extra={

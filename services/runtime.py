@@ -161,6 +161,27 @@ class Runtime:
         return outputs
 
 
+def as_number(value: Any, what: str, kind: type[int] | type[float]) -> int | float | None:
+    """A request option as ``kind``: a number, or a numeric string (tritonclient sends only
+    string and integer parameters); ``None`` stays ``None``.
+
+    Raises:
+        InvalidInput: naming ``what`` and the value.
+    """
+    if value is None:
+        return None
+    number = value
+    if isinstance(number, str):
+        try:
+            number = kind(number)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or (
+            kind is int and not float(number).is_integer()):
+        raise InvalidInput(f"{what}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(number)
+
+
 # ---------------------------------------------------------------------------- anomaly
 
 
@@ -190,17 +211,12 @@ class AnomalyRuntime(Runtime):
     def resolve_threshold(self, override: Any) -> float:
         """The request's threshold (a number, or a numeric string for clients that send only
         string parameters), else the calibrated one."""
-        if override is None:
+        value = as_number(override, "parameter 'threshold'", float)
+        if value is None:
             return self.threshold
-        value = override
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                value = None
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        if not np.isfinite(value):
             raise InvalidInput(f"parameter 'threshold': expected a finite number, got {override!r}")
-        return float(value)
+        return value
 
     def postprocess(self, outputs, parameters):
         unknown = set(parameters) - {"threshold"}
@@ -431,9 +447,9 @@ class GenerativeRuntime(Runtime):
                                f"got {sorted(unknown)}")
         return self.request(
             inputs["label"],
-            seed=_int_parameter(parameters, "seed"),
-            steps=_int_parameter(parameters, "steps"),
-            guidance=_float_parameter(parameters, "guidance"),
+            seed=as_number(parameters.get("seed"), "parameter 'seed'", int),
+            steps=as_number(parameters.get("steps"), "parameter 'steps'", int),
+            guidance=as_number(parameters.get("guidance"), "parameter 'guidance'", float),
             sampler=_str_parameter(parameters, "sampler"),
             progress=False,
         )
@@ -462,28 +478,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _number_parameter(parameters: dict[str, Any], key: str, kind: type):
-    value = parameters.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str):  # clients that send only string parameters (tritonclient)
-        try:
-            value = kind(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise InvalidInput(f"parameter '{key}': expected {'an integer' if kind is int else 'a number'}, got {parameters[key]!r}")
-    return kind(value)
-
-
-def _int_parameter(parameters, key):
-    return _number_parameter(parameters, key, int)
-
-
-def _float_parameter(parameters, key):
-    return _number_parameter(parameters, key, float)
 
 
 def _str_parameter(parameters, key):
@@ -668,15 +662,10 @@ class RecommenderRuntime(Runtime):
 
     def resolve_k(self, k: Any) -> int:
         """The request's ``k`` (an integer, or a numeric string), ``DEFAULT_K`` when unset."""
-        if k is None:
+        value = as_number(k, "k", int)
+        if value is None:
             return min(self.DEFAULT_K, self.max_k)
-        value = k
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                value = None
-        if value is None or isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.max_k:
+        if not 1 <= value <= self.max_k:
             raise InvalidInput(f"k: expected an integer in 1..{self.max_k}, got {k!r}")
         return value
 
