@@ -12,6 +12,7 @@ import io
 import os
 import random
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from tqdm import tqdm
 
 from deepserve.repository import (
     MANIFEST_FILE,
@@ -40,6 +42,15 @@ _TORCH_TO_OIP = {
     torch.int32: "INT32",
     torch.bool: "BOOL",
 }
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def progress(iterable, desc: str, unit: str):
+    """A progress bar on a terminal; nothing in logs (CI, ``make test``), where each redraw
+    would be one more carriage-return line."""
+    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not sys.stderr.isatty())
 
 
 # ---------------------------------------------------------------------------- determinism

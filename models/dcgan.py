@@ -37,10 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from deepserve.models import digits
-from deepserve.models.common import ExportSpec, card_header, export_and_publish, seed_everything
+from deepserve.models.common import ExportSpec, card_header, export_and_publish, progress, seed_everything
 from deepserve.repository import MODEL_FILE, Manifest
 
 NAME = "digit-dcgan"
@@ -173,7 +172,7 @@ def train(x: np.ndarray, y: np.ndarray, cfg: DCGANConfig, seed: int) -> tuple[Ge
     labels = torch.from_numpy(y)
     bce = F.binary_cross_entropy_with_logits
     losses = []  # (discriminator, generator) per step
-    for step in tqdm(range(cfg.steps), desc=f"train {NAME}", unit="step", leave=False):
+    for step in progress(range(cfg.steps), f"train {NAME}", "step"):
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         real, real_label = data[idx], labels[idx]
         noise = torch.randn(cfg.batch_size, cfg.latent_dim, generator=gen)

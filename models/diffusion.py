@@ -38,10 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from deepserve.models import digits
-from deepserve.models.common import ExportSpec, card_header, export_and_publish, seed_everything
+from deepserve.models.common import ExportSpec, card_header, export_and_publish, progress, seed_everything
 from deepserve.repository import MODEL_FILE, Manifest
 from deepserve.sampling import NoiseSchedule
 
@@ -154,7 +153,7 @@ def train(x: np.ndarray, y: np.ndarray, cfg: DiffusionConfig, schedule: NoiseSch
     labels = torch.from_numpy(y)
     alpha_bar = torch.from_numpy(schedule.alpha_bar).float()  # (T,)
     losses = []
-    for step in tqdm(range(cfg.steps), desc=f"train {NAME}", unit="step", leave=False):
+    for step in progress(range(cfg.steps), f"train {NAME}", "step"):
         idx = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
         x0, label = data[idx], labels[idx]
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout

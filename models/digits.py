@@ -22,9 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from deepserve.models.common import ExportSpec, card_header, export_and_publish, seed_everything
+from deepserve.models.common import ExportSpec, card_header, export_and_publish, progress, seed_everything
 from deepserve.repository import Manifest
 
 FGSM_EPSILONS = (0.05, 0.1, 0.2)
@@ -160,7 +159,7 @@ def train(split: DigitsSplit, cfg: DigitCNNConfig, seed: int, adversarial: bool,
     x = torch.from_numpy(split.x_train)
     y = torch.from_numpy(split.y_train)
     gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False):
+    for _ in progress(range(cfg.epochs), desc, "epoch"):
         net.train()
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), cfg.batch_size):

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from deepserve.models.common import ExportSpec, card_header, export_and_publish, seed_everything
+from deepserve.models.common import ExportSpec, card_header, export_and_publish, progress, seed_everything
 from deepserve.repository import Manifest
 
 TRANSACTION_COLUMNS = ["Time", *(f"V{i}" for i in range(1, 29)), "Amount"]
@@ -324,7 +323,7 @@ def train_autoencoder(x_train: np.ndarray, transforms: list[str], cfg: Autoencod
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", leave=False):
+    for _ in progress(range(cfg.epochs), desc, "epoch"):
         model.train()
         order = torch.randperm(len(z_all), generator=gen)
         for start in range(0, len(z_all), cfg.batch_size):

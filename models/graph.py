@@ -38,12 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from deepserve.models.common import (
     ExportSpec,
     card_header,
     export_and_publish,
+    progress,
     seed_everything,
 )
 from deepserve.repository import Manifest
@@ -651,7 +651,7 @@ def train(x: np.ndarray, train_edges: np.ndarray, net: GraphSAGE, cfg: GraphSAGE
     # sampled softmax an estimate of the full softmax over every user.
     n_neg = min(cfg.negatives, n)
     log_weight = float(np.log((n - 1) / n_neg))
-    for _ in tqdm(range(cfg.steps), desc=desc, unit="step", leave=False):
+    for _ in progress(range(cfg.steps), desc, "step"):
         net.train()
         ep = _sample_episode(train_edges, eligible, n, cfg, known_fraction, rng)
         h1, z = net.encode(xt, ep.src, ep.dst)  # (N, H), (N, D)
