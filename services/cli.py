@@ -118,7 +118,12 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve_config.yaml"
+def default_config() -> Path:
+    """The Serve config that ships with the package (``deploy/serve_config.yaml`` in a
+    checkout; inside the installed package otherwise)."""
+    from importlib.resources import files
+
+    return Path(str(files("deepserve.deploy").joinpath("serve_config.yaml")))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -127,10 +132,11 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from deepserve.app import build_app
+    from deepserve.autoscaling import GATEWAY_RESOURCE
     from deepserve.client import DeepServeClient
     from deepserve.settings import Settings
 
-    config = yaml.safe_load(args.config.read_text())
+    config = yaml.safe_load((args.config or default_config()).read_text())
     app_config = config["applications"][0]
     app_args = dict(app_config.get("args") or {})
     app_args["repository"] = str(args.repo.resolve())
@@ -156,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:  # an embedded single-node cluster, sized for a laptop or a small VM
         # Ray's metrics agent serves every process's metrics, ours included, on this port.
         ray.init(address="local", namespace="deepserve", include_dashboard=False,  # a new cluster, always
+                 resources={GATEWAY_RESOURCE: 1},  # a serving node: it runs a gateway
                  object_store_memory=args.object_store_mb * 1024 * 1024,
                  _metrics_export_port=metrics_port)
     serve.start(proxy_location="Disabled")
@@ -304,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the repository on Ray Serve over gRPC (port 9000)")
     s.add_argument("--repo", type=Path, default=default_root(), help="model repository directory")
-    s.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config YAML")
+    s.add_argument("--config", type=Path, help="Serve config YAML (default: the one the package ships, "
+                   "deploy/serve_config.yaml)")
     s.add_argument("--address", help="an existing Ray cluster (e.g. ray://head:10001 or auto)")
     s.add_argument("--port", type=int, help="gRPC port (default $DEEPSERVE_GRPC_PORT or the config's)")
     s.add_argument("--models", nargs="+", help="serve only these models")

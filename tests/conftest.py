@@ -60,20 +60,23 @@ def server(repository):
     from ray import serve
 
     from deepserve.app import build_app
+    from deepserve.autoscaling import GATEWAY_RESOURCE
     from deepserve.client import DeepServeClient
 
     port = free_port()
     os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")  # as `deepserve serve` runs
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024,
-             namespace="deepserve-tests", log_to_driver=False, _metrics_export_port=METRICS_PORT,
+    ray.init(address="local", num_cpus=2, resources={GATEWAY_RESOURCE: 1}, include_dashboard=False,
+             object_store_memory=150 * 1024 * 1024, namespace="deepserve-tests", log_to_driver=False,
+             _metrics_export_port=METRICS_PORT,
              _system_config={"metrics_report_interval_ms": 1000})  # tests wait for exports: be quick
     serve.start(proxy_location="Disabled")
-    gateway = {  # the shipped autoscaling policy runs, held to one replica
+    gateway = {  # the shipped autoscaling policy runs: one node, one gateway
         "name": "Gateway",
+        "max_replicas_per_node": 1,
+        "ray_actor_options": {"num_cpus": 0.1, "resources": {GATEWAY_RESOURCE: 1}},
         "autoscaling_config": {
-            "min_replicas": 1, "max_replicas": 1,
-            "policy": {"policy_function": "deepserve.autoscaling:GatewayLoadPolicy",
-                       "policy_kwargs": {"target_requests_per_s": 1500}},
+            "min_replicas": 1, "max_replicas": 4,
+            "policy": {"policy_function": "deepserve.autoscaling:GatewayLoadPolicy"},
         },
     }
     app = build_app({
