@@ -41,6 +41,7 @@ from google.protobuf.message import Message
 from locust import User, task
 from locust.exception import StopUser
 
+from deepserve.client import NODE_METADATA_KEY, open_channel
 from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
 from deepserve.proto import inference_pb2 as oip
@@ -131,7 +132,7 @@ class Stubs:
 
     @classmethod
     def open(cls, target: str) -> "Stubs":
-        channel = grpc.insecure_channel(target)
+        channel = open_channel(target)  # round robin over the target's addresses, with retries
         return cls(channel, v1_grpc.FraudScoringStub(channel), v1_grpc.ClassifierStub(channel),
                    v1_grpc.ModelsStub(channel), oip_grpc.GRPCInferenceServiceStub(channel),
                    v1_grpc.GeneratorStub(channel), v1_grpc.RecommenderStub(channel))
@@ -164,7 +165,9 @@ class Workload:
     def build(self, seed: int) -> list[Message]:
         raise NotImplementedError
 
-    def send(self, stubs: Stubs, request: Message, timeout: float) -> Message:
+    def send(self, stubs: Stubs, request: Message, timeout: float) -> tuple[Message, grpc.Call]:
+        """Make the call with ``with_call``: the answer and the call (its trailing metadata
+        names the node that answered)."""
         raise NotImplementedError
 
     def check(self, request: Message, response: Message) -> None:
@@ -182,7 +185,7 @@ class FraudScore(Workload):
         return [v1.ScoreRequest(model=self.model, transactions=[v1.Transaction(features=r)]) for r in rows]
 
     def send(self, stubs, request, timeout):
-        return stubs.fraud.Score(request, timeout=timeout)
+        return stubs.fraud.Score.with_call(request, timeout=timeout)
 
     def check(self, request, response):
         if len(response.results) != len(request.transactions):
@@ -215,7 +218,7 @@ class FraudInfer(Workload):
                                       raw_input_contents=[r.astype("<f4").tobytes()]) for r in rows]
 
     def send(self, stubs, request, timeout):
-        return stubs.inference.ModelInfer(request, timeout=timeout)
+        return stubs.inference.ModelInfer.with_call(request, timeout=timeout)
 
     def check(self, request, response):
         if "score" not in {o.name for o in response.outputs}:
@@ -234,7 +237,7 @@ class Classify(Workload):
         return [v1.ClassifyRequest(model=self.model, images=[v1.Image(pixels=images[i])], top_k=3) for i in picks]
 
     def send(self, stubs, request, timeout):
-        return stubs.classifier.Classify(request, timeout=timeout)
+        return stubs.classifier.Classify.with_call(request, timeout=timeout)
 
     def check(self, request, response):
         if len(response.results) != 1 or len(response.results[0].top) != 3:
@@ -253,7 +256,7 @@ class Generate(Workload):
                 for i in range(self.pool_size)]
 
     def send(self, stubs, request, timeout):
-        return stubs.generator.Generate(request, timeout=timeout)
+        return stubs.generator.Generate.with_call(request, timeout=timeout)
 
     def check(self, request, response):
         if len(response.images) != request.count or response.seed != request.seed:
@@ -282,7 +285,7 @@ class Recommend(Workload):
         return [v1.RecommendRequest(model=self.model, user=int(u), k=10) for u in users]
 
     def send(self, stubs, request, timeout):
-        return stubs.recommender.Recommend(request, timeout=timeout)
+        return stubs.recommender.Recommend.with_call(request, timeout=timeout)
 
     def check(self, request, response):
         if len(response.users) != request.k:
@@ -343,7 +346,7 @@ class GrpcUser(User):
             StopUser: none of this user's workloads has its model served.
         """
         listing = self.call("Models.ListModels",
-                            lambda t: self.stubs.models.ListModels(v1.ListModelsRequest(), timeout=t))
+                            lambda t: self.stubs.models.ListModels.with_call(v1.ListModelsRequest(), timeout=t))
         if listing is None:
             return False
         served = {m.name for m in listing.models}
@@ -373,28 +376,33 @@ class GrpcUser(User):
         self.call(workload.name, lambda t: workload.send(self.stubs, request, t),
                   lambda response: workload.check(request, response))
 
-    def call(self, name: str, send: Callable[[float], Message],
+    def call(self, name: str, send: Callable[[float], tuple[Message, grpc.Call]],
              check: Callable[[Message], None] | None = None) -> Message | None:
-        """Time ``send(timeout)`` and report it to Locust.
+        """Time ``send(timeout)`` and report it to Locust, with the node that answered
+        (``context["node"]``, from the ``deepserve-node`` trailing metadata) and the wall-clock
+        second it ended in (``context["second"]``).
 
         Returns:
             The response, or None when the call failed.
         """
-        response, exception, length = None, None, 0
+        response, exception, length, trailing = None, None, 0, None
         start = time.perf_counter()
         try:
-            response = send(self.settings.timeout)
+            response, rpc = send(self.settings.timeout)
+            trailing = rpc.trailing_metadata()
             length = response.ByteSize()
             if check is not None:
                 check(response)
         except grpc.RpcError as e:
             exception = GrpcError(e.code(), e.details())
+            trailing = e.trailing_metadata() if isinstance(e, grpc.Call) else None
         except WrongAnswer as e:
             exception = e
         elapsed_ms = (time.perf_counter() - start) * 1000.0
+        node = next((v for k, v in trailing or () if k == NODE_METADATA_KEY), "")
         self.environment.events.request.fire(
             request_type="grpc", name=name, response_time=elapsed_ms, response_length=length,
-            exception=exception, context={},
+            exception=exception, context={"node": node, "second": int(time.time())},
         )
         return response if exception is None else None
 

@@ -4,7 +4,8 @@
         --user MixUser --out reports/loadtest --slo-p99-ms 50 --slo-error-rate 0.01 --slo-min-rps 200
 
 Writes ``<out>_stats.csv`` (one row per request name, then the total) and
-``<out>_summary.json``, prints a table and each SLO with its measured value.
+``<out>_summary.json`` (with the answering nodes and a per-second timeline), prints a table
+and each SLO with its measured value.
 
 Exit status: 0 when every SLO given is met; 1 when one is missed (or nothing was measured);
 2 for bad arguments, or when the server does not answer ``ServerReady`` at start or serves
@@ -56,7 +57,8 @@ def user_classes() -> dict[str, type[locustfile.GrpcUser]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1:9000", help="host:port of the gRPC server (no scheme)")
+    p.add_argument("--host", default="127.0.0.1:9000",
+                   help="gRPC target: host:port, or several gateways as ipv4:A:9000,B:9000, or dns:///name:9000")
     p.add_argument("--users", type=int, default=8, help="concurrent users (default 8)")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
@@ -72,8 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="Locust's own log at INFO")
     args = p.parse_args(argv)
     args.spawn_rate = args.spawn_rate or float(args.users)
-    if "://" in args.host or ":" not in args.host:
-        p.error(f"--host {args.host!r}: want host:port, without a scheme")
+    if args.host.startswith(("http://", "https://")) or ":" not in args.host:
+        p.error(f"--host {args.host!r}: want a gRPC target (host:port, ipv4:A:port,B:port, dns:///name:port)")
     for name in ("users", "spawn_rate", "duration", "timeout", "ready_timeout"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -122,6 +124,34 @@ class Timings:
 
     def on_request(self, name, response_time, **_) -> None:
         self.ms[name].append(response_time)
+
+
+class Timeline:
+    """Calls per wall-clock second: answered, failed, and by the node that answered (the
+    ``deepserve-node`` trailing metadata). Shows a lost node's calls moving to the others,
+    and when failures stopped."""
+
+    def __init__(self):
+        self.seconds: dict[int, dict] = {}
+
+    def on_request(self, exception=None, context=None, **_) -> None:
+        context = context or {}
+        second = self.seconds.setdefault(context.get("second", int(time.time())),
+                                         {"ok": 0, "failed": 0, "nodes": defaultdict(int)})
+        second["failed" if exception else "ok"] += 1
+        if context.get("node"):
+            second["nodes"][context["node"]] += 1
+
+    def json(self) -> list[dict]:
+        return [{"t": t, "ok": s["ok"], "failed": s["failed"], "nodes": dict(s["nodes"])}
+                for t, s in sorted(self.seconds.items())]
+
+    def nodes(self) -> dict[str, int]:
+        total: dict[str, int] = defaultdict(int)
+        for s in self.seconds.values():
+            for node, n in s["nodes"].items():
+                total[node] += n
+        return dict(sorted(total.items()))
 
 
 @dataclass
@@ -188,6 +218,7 @@ def check_slos(args: argparse.Namespace, total: Row) -> list[Slo]:
 class Run:
     env: Environment
     timings: Timings
+    timeline: Timeline
     elapsed_s: float
     cpu_s: float  # CPU time this process (the load generator) used meanwhile
 
@@ -196,14 +227,15 @@ def run(args: argparse.Namespace, user_class: type[locustfile.GrpcUser]) -> Run:
     """Run ``args.users`` users of ``user_class`` for ``args.duration`` seconds."""
     locustfile.prepare([user_class], args.seed)  # before the clock starts
     env = Environment(user_classes=[user_class], host=args.host, stop_timeout=args.timeout)
-    timings = Timings()
+    timings, timeline = Timings(), Timeline()
     env.events.request.add_listener(timings.on_request)
+    env.events.request.add_listener(timeline.on_request)
     runner = env.create_local_runner()
     start, cpu = time.perf_counter(), time.process_time()
     runner.start(args.users, spawn_rate=args.spawn_rate)
     gevent.sleep(args.duration)
     runner.quit()  # users finish the call in flight (stop_timeout), then stop
-    return Run(env, timings, time.perf_counter() - start, time.process_time() - cpu)
+    return Run(env, timings, timeline, time.perf_counter() - start, time.process_time() - cpu)
 
 
 def report(result: Run) -> list[Row]:
@@ -288,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "requests": {r.name: r.json() for r in rows if r.name != TOTAL},
         "total": total.json(),
         "errors": errors(result.env),
+        "nodes": result.timeline.nodes(),  # answers by the node whose gateway gave them
+        "timeline": result.timeline.json(),
         "slos": [{"name": s.name, "target": s.target, "measured": round(s.measured, 6), "passed": s.passed}
                  for s in slos],
         "passed": passed,
@@ -296,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(rows)
     print(f"load generator CPU: {summary['loadgen_cpu_percent']:.0f}% of one core")
+    if summary["nodes"]:
+        print("answered by: " + ", ".join(f"{node} {n}" for node, n in summary["nodes"].items()))
     for e in summary["errors"]:
         print(f"  error  {e['name']}: {e['error']}  x{e['occurrences']}")
     if total.requests == 0:

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 from ray.serve.schema import LoggingConfig
 from ray.exceptions import RayActorError, RayTaskError
@@ -220,7 +221,9 @@ class Gateway:
         self._last_report = (time.monotonic(), 0)
         self.poll_s = settings.readiness_poll_s
         await self.dataplane.refresh()
-        self.server = GrpcServer(self.dataplane, settings.grpc_host, settings.grpc_port, settings.max_message_bytes)
+        self.node = settings.node_name or ray.util.get_node_ip_address()
+        self.server = GrpcServer(self.dataplane, settings.grpc_host, settings.grpc_port, settings.max_message_bytes,
+                                 self.node, settings.max_connection_age_s, settings.connection_age_grace_s)
         await self.server.start()
         self.poller = asyncio.get_running_loop().create_task(self._poll())
 
@@ -252,9 +255,11 @@ class Gateway:
         """Readiness and each model's replica report (batch statistics included)."""
         return {
             "port": self.server.port,
+            "node": self.node,
             "pid": os.getpid(),
             "ready": self.dataplane.ready(),
-            "models": {n: {"ready": m.ready, **m.replica_info} for n, m in self.dataplane.models.items()},
+            "models": {n: {"ready": m.ready, "version": m.runtime.version, "kind": m.runtime.kind, **m.replica_info}
+                       for n, m in self.dataplane.models.items()},
         }
 
     async def __del__(self):

@@ -8,6 +8,7 @@ serves it on Ray Serve; ``deepserve score`` and ``deepserve classify`` call a se
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -132,14 +133,14 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from deepserve.app import build_app
-    from deepserve.autoscaling import GATEWAY_RESOURCE
-    from deepserve.client import DeepServeClient
+    from deepserve.autoscaling import nodes_offering
     from deepserve.settings import Settings
 
     config = yaml.safe_load((args.config or default_config()).read_text())
     app_config = config["applications"][0]
+    app_name = app_config.get("name", "deepserve")
     app_args = dict(app_config.get("args") or {})
-    app_args["repository"] = str(args.repo.resolve())
+    app_args["repository"] = args.repo if "://" in args.repo else str(Path(args.repo).resolve())
     if args.port is not None:
         app_args["grpc_port"] = args.port
     elif "DEEPSERVE_GRPC_PORT" in os.environ:
@@ -152,6 +153,10 @@ def _serve(args: argparse.Namespace) -> int:
     port = int(app_args.get("grpc_port", 9000))
     metrics_port = args.metrics_port or Settings().metrics_port
     app = build_app(app_args, deployments)
+    # The resources a gateway asks for (deepserve_gateway in the shipped config): the nodes
+    # that offer them are the ones that serve.
+    gateway = next((d for d in deployments if d["name"] == "Gateway"), {})
+    node_resources = (gateway.get("ray_actor_options") or {}).get("resources") or {}
 
     # Serve runs replica code on the replica's main event loop instead of a second thread:
     # the gateway's gRPC server then shares no GIL hand-offs with it (+10-25% req/s here;
@@ -159,23 +164,28 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
     if args.address:
         ray.init(address=args.address, namespace="deepserve")
+        missing = [r for r in node_resources if nodes_offering(r) == 0]
+        if missing:
+            print(f"deepserve serve: no node of the cluster at {args.address} offers {missing}, which the gateway "
+                  f"needs: start serving nodes with `ray start ... --resources "
+                  f"'{json.dumps({r: 1 for r in missing})}'`", file=sys.stderr)
+            return 2
     else:  # an embedded single-node cluster, sized for a laptop or a small VM
         # Ray's metrics agent serves every process's metrics, ours included, on this port.
         ray.init(address="local", namespace="deepserve", include_dashboard=False,  # a new cluster, always
-                 resources={GATEWAY_RESOURCE: 1},  # a serving node: it runs a gateway
+                 resources={r: 1 for r in node_resources},  # a serving node: it runs a gateway
                  object_store_memory=args.object_store_mb * 1024 * 1024,
                  _metrics_export_port=metrics_port)
     serve.start(proxy_location="Disabled")
     started = time.perf_counter()
-    serve.run(app, name=app_config.get("name", "deepserve"), route_prefix=None)
-    with DeepServeClient(f"127.0.0.1:{port}") as client:
-        client.wait_ready(timeout=120)
-        models = client.list_models().models
-    print(f"DeepServe ready in {time.perf_counter() - started:.1f} s on port {port} "
+    serve.run(app, name=app_name, route_prefix=None)  # returns once every replica has started
+    status = _wait_ready(serve.get_app_handle(app_name), timeout=120)
+    where = "every serving node" if args.address else "this machine"
+    print(f"DeepServe ready in {time.perf_counter() - started:.1f} s on port {port} of {where} "
           f"(Open Inference Protocol v2 + deepserve.v1, gRPC); metrics on "
           f"{'the cluster nodes' if args.address else f'http://127.0.0.1:{metrics_port}/metrics'}:")
-    for m in models:
-        print(f"  {m.name:26s} v{m.version:3s} {m.kind:11s} {m.execution_provider}")
+    for name, m in sorted(status["models"].items()):
+        print(f"  {name:26s} v{m['version']:3s} {m['kind']:11s} {m.get('provider', '')}")
     print("Try:  .venv/bin/deepserve classify --digit 3     (Ctrl-C stops the server)", flush=True)
 
     stop = threading.Event()
@@ -184,11 +194,25 @@ def _serve(args: argparse.Namespace) -> int:
     stop.wait()
     print("shutting down")
     if args.address:
-        serve.delete(app_config.get("name", "deepserve"))
+        serve.delete(app_name)
     else:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _wait_ready(handle, timeout: float) -> dict:
+    """Ask a gateway (through the app's handle, wherever the gateways run) until every
+    model is ready; its status report."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = handle.status.remote().result(timeout_s=timeout)
+        if status["ready"]:
+            return status
+        if time.monotonic() > deadline:
+            waiting = sorted(n for n, m in status["models"].items() if not m["ready"])
+            raise TimeoutError(f"DeepServe not ready after {timeout:.0f} s; waiting for {waiting}")
+        time.sleep(0.2)
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -310,7 +334,9 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_models)
 
     s = sub.add_parser("serve", help="serve the repository on Ray Serve over gRPC (port 9000)")
-    s.add_argument("--repo", type=Path, default=default_root(), help="model repository directory")
+    s.add_argument("--repo", default=str(default_root()),
+                   help="model repository: a directory (on a shared volume for a cluster) or a URI "
+                        "(http(s)://, s3://, ...) that every replica fetches and verifies")
     s.add_argument("--config", type=Path, help="Serve config YAML (default: the one the package ships, "
                    "deploy/serve_config.yaml)")
     s.add_argument("--address", help="an existing Ray cluster (e.g. ray://head:10001 or auto)")

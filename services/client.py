@@ -5,11 +5,19 @@
         client.wait_ready()
         print(client.score([[0.0] * 30]).results[0].score)
 
-For the Open Inference Protocol, use any Triton/KServe client (``tritonclient.grpc``).
+The target is any gRPC target: one gateway (``host:9000``), a Kubernetes Service, several
+gateways (``ipv4:10.0.0.1:9000,10.0.0.2:9000``) or a headless Service's DNS name
+(``dns:///deepserve-headless:9000``). Calls are spread over every address it resolves to
+(round robin) and retried with backoff when a gateway is unavailable or overloaded
+(:data:`SERVICE_CONFIG`), so losing a node costs a client only the calls that node held.
+
+For the Open Inference Protocol, use any Triton/KServe client (``tritonclient.grpc``);
+docs/deploy.md shows the same retry policy for tritonclient.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 
@@ -22,9 +30,47 @@ from deepserve.proto import inference_pb2 as oip
 from deepserve.proto import inference_pb2_grpc as oip_grpc
 
 
+NODE_METADATA_KEY = "deepserve-node"  # trailing metadata of every answer: the node that gave it
+
+# gRPC's service config: round robin over every address of the target, and retries of
+# calls that failed without an answer (every DeepServe call is free of side effects). A retry
+# goes to the next address, so a lost gateway's calls land on a live one.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{}],  # every service and method
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+        },
+    }],
+}
+
+CHANNEL_OPTIONS = [
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
+    # A gateway that went away is retried within seconds, not gRPC's default of up to 2 min.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+    # Pings notice a node that vanished without closing its connections (the server allows them).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def open_channel(target: str) -> grpc.Channel:
+    """A channel to ``target`` with DeepServe's load balancing, retries and keepalive."""
+    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
 class DeepServeClient:
     def __init__(self, target: str = "127.0.0.1:9000", timeout: float = 10.0):
-        self.channel = grpc.insecure_channel(target)
+        self.channel = open_channel(target)
         self.timeout = timeout
         self.fraud = v1_grpc.FraudScoringStub(self.channel)
         self.classifier = v1_grpc.ClassifierStub(self.channel)

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deepserve import codec, metrics
+from deepserve.client import NODE_METADATA_KEY
 from deepserve.dataplane import PLATFORM, DataPlane
 from deepserve.errors import InvalidInput, to_status
 from deepserve.runtime import GenerationResult, GenerativeRuntime, RecommenderRuntime, png_bytes
@@ -63,6 +64,7 @@ def _handled(model_field: str | None = None, default_model: str = ""):
             @functools.wraps(method)
             async def stream_wrapper(self, request, context):
                 started, code = time.perf_counter(), "OK"
+                context.set_trailing_metadata(self.trailing)  # errors keep it too
                 try:
                     async for message in method(self, request, context):
                         yield message
@@ -80,6 +82,7 @@ def _handled(model_field: str | None = None, default_model: str = ""):
         @functools.wraps(method)
         async def wrapper(self, request, context):
             started, code = time.perf_counter(), "OK"
+            context.set_trailing_metadata(self.trailing)  # errors keep it too
             try:
                 return await method(self, request, context)
             except asyncio.CancelledError:
@@ -97,9 +100,10 @@ def _handled(model_field: str | None = None, default_model: str = ""):
 
 
 class _Servicer:
-    def __init__(self, dataplane: DataPlane):
+    def __init__(self, dataplane: DataPlane, node: str):
         self.dataplane = dataplane
         self.metrics = metrics.get()
+        self.trailing = ((NODE_METADATA_KEY, node),)  # every answer names the node that gave it
 
 
 # ---------------------------------------------------------------------------- Open Inference Protocol
@@ -336,21 +340,41 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 class GrpcServer:
-    """Both APIs, health (overall and per model) and reflection on one port."""
+    """Both APIs, health (overall and per model) and reflection on one port.
 
-    def __init__(self, dataplane: DataPlane, host: str, port: int, max_message_bytes: int):
+    Args:
+        dataplane: what every servicer calls.
+        host, port: where to listen (port 0: any free port).
+        max_message_bytes: largest message received or sent.
+        node: the name every answer carries in its ``deepserve-node`` trailing metadata.
+        max_connection_age_s: the server closes each client connection (GOAWAY, after which
+            the client reconnects, letting calls in flight finish for ``grace_s``) once it is
+            this old. HTTP/2 connections otherwise stay with the gateway they first reached,
+            and a gateway that joins later would get no traffic from long-lived clients.
+    """
+
+    def __init__(self, dataplane: DataPlane, host: str, port: int, max_message_bytes: int, node: str,
+                 max_connection_age_s: float = 60.0, grace_s: float = 30.0):
         self.dataplane = dataplane
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 1),  # several gateways on one node share the port
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+            # Clients ping idle connections to notice a lost node (deepserve.client): allow it.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ])
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), self.server)
-        v1_grpc.add_FraudScoringServicer_to_server(FraudScoringServicer(dataplane), self.server)
-        v1_grpc.add_ClassifierServicer_to_server(ClassifierServicer(dataplane), self.server)
-        v1_grpc.add_GeneratorServicer_to_server(GeneratorServicer(dataplane), self.server)
-        v1_grpc.add_RecommenderServicer_to_server(RecommenderServicer(dataplane), self.server)
-        v1_grpc.add_ModelsServicer_to_server(ModelsServicer(dataplane), self.server)
+        for add, servicer in (
+            (oip_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer),
+            (v1_grpc.add_FraudScoringServicer_to_server, FraudScoringServicer),
+            (v1_grpc.add_ClassifierServicer_to_server, ClassifierServicer),
+            (v1_grpc.add_GeneratorServicer_to_server, GeneratorServicer),
+            (v1_grpc.add_RecommenderServicer_to_server, RecommenderServicer),
+            (v1_grpc.add_ModelsServicer_to_server, ModelsServicer),
+        ):
+            add(servicer(dataplane, node), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -36,3 +36,14 @@ class Settings(BaseSettings):
 
     readiness_poll_s: float = Field(default=1.0, gt=0)
     """How often the gateway checks that each model's replicas answer."""
+
+    node_name: str = ""
+    """Name each answer carries in its ``deepserve-node`` trailing metadata (on Kubernetes:
+    the pod's node name, from the downward API); empty: the Ray node's IP address."""
+
+    max_connection_age_s: float = Field(default=60.0, gt=0)
+    """A client connection older than this is closed (GOAWAY) and the client reconnects,
+    possibly to another gateway: long-lived clients spread over gateways that joined later."""
+
+    connection_age_grace_s: float = Field(default=30.0, ge=0)
+    """Calls in flight on a connection being closed for its age get this long to finish."""

@@ -208,3 +208,24 @@ def test_reflection_lists_every_api(server):
         symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")
         found = next(iter(stub.ServerReflectionInfo(iter([symbol]), timeout=5)))
         assert found.file_descriptor_response.file_descriptor_proto
+
+
+def test_every_answer_names_the_node(server, client):
+    """Trailing metadata ``deepserve-node`` on answers and on errors, both APIs and streams."""
+    import ray
+
+    from deepserve.proto import deepserve_pb2 as v1
+    from deepserve.proto import inference_pb2 as oip
+
+    node = ray.util.get_node_ip_address()  # the default name: the Ray node's address
+    _, call = client.fraud.Score.with_call(v1.ScoreRequest(transactions=[v1.Transaction(features=[0.0] * 30)]))
+    assert dict(call.trailing_metadata())["deepserve-node"] == node
+    _, call = client.inference.ServerReady.with_call(oip.ServerReadyRequest())
+    assert dict(call.trailing_metadata())["deepserve-node"] == node
+    with pytest.raises(grpc.RpcError) as failed:
+        client.inference.ModelMetadata(oip.ModelMetadataRequest(name="no-such-model"))
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(failed.value.trailing_metadata())["deepserve-node"] == node
+    stream = client.generate_stream(label=1, count=1, seed=3, steps=2)
+    assert sum(1 for _ in stream) >= 2  # progress, then the result
+    assert dict(stream.trailing_metadata())["deepserve-node"] == node
