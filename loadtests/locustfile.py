@@ -448,6 +448,12 @@ class GenerateUser(GrpcUser):
     workloads = {Generate: 3, GenerateGan: 1}
 
 
+class DiffusionUser(GrpcUser):
+    """Diffusion only: the load that makes digit-diffusion's replicas scale."""
+
+    workloads = {Generate: 1}
+
+
 class RecommendUser(GrpcUser):
     workloads = {Recommend: 3, RecommendColdStart: 1}
 

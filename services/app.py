@@ -30,7 +30,14 @@ import numpy as np
 import ray
 from ray import serve
 from ray.serve.schema import LoggingConfig
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RaySystemError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from deepserve import metrics
@@ -119,14 +126,36 @@ async def _refresh_gauges(component: str, period_s: float = 1.0) -> None:
         await asyncio.sleep(period_s)
 
 
-class RayBackend:
-    """Calls a model deployment through its Serve handle; maps Ray's errors to ours."""
+# Ray errors that mean "the replica, its node or its objects went away", not "the request
+# is wrong": the caller may retry, here or elsewhere.
+REPLICA_LOST = (RayActorError, ObjectLostError, NodeDiedError, WorkerCrashedError, RaySystemError)
 
-    def __init__(self, name: str, handle):
+
+class RayBackend:
+    """Calls a model deployment through its Serve handle; maps Ray's errors to ours.
+
+    A call whose replica dies under it is sent again (Serve's router then picks a live
+    replica) while the deadline allows, at most ``attempts`` times in all: inference has no
+    side effects, and a lost node should cost clients as little as possible.
+    """
+
+    def __init__(self, name: str, handle, attempts: int = 3):
         self.name = name
         self.handle = handle
+        self.attempts = attempts
 
     async def _call(self, method: str, timeout: float, *args):
+        deadline = time.monotonic() + timeout
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await self._call_once(method, deadline - time.monotonic(), *args)
+            except ModelNotReady:
+                if attempt == self.attempts or deadline - time.monotonic() <= 0:
+                    raise
+                log.warning("model %s: replica lost during %s; sending it again (%d/%d)",
+                            self.name, method, attempt + 1, self.attempts)
+
+    async def _call_once(self, method: str, timeout: float, *args):
         response = getattr(self.handle, method).remote(*args)
         with self._errors():
             try:
@@ -145,13 +174,15 @@ class RayBackend:
             yield
         except BackPressureError:
             raise Overloaded(f"model '{self.name}' is overloaded: its request queue is full; retry with backoff") from None
-        except (RayActorError, DeploymentUnavailableError):
-            raise ModelNotReady(f"model '{self.name}': the replica went away; retry shortly") from None
         except RayTaskError as exc:
             if isinstance(exc.cause, DeepServeError):
                 raise exc.cause from None
+            if isinstance(exc.cause, REPLICA_LOST):
+                raise ModelNotReady(f"model '{self.name}': the replica went away; retry shortly") from None
             log.error("model %s replica failed: %s", self.name, exc)
             raise RuntimeError(f"model '{self.name}' replica failed") from None
+        except (*REPLICA_LOST, DeploymentUnavailableError):
+            raise ModelNotReady(f"model '{self.name}': the replica went away; retry shortly") from None
 
     async def generate(self, request: GenerationRequest, timeout: float):
         """Streams the replica's events; closing this generator cancels the replica's.
@@ -287,8 +318,8 @@ def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = N
     """
     args = dict(args or {})
     overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
-    repository = os.path.abspath(args.pop("repository", None) or Settings().model_repository)
-    repo = ModelRepository(repository)
+    repo = ModelRepository(args.pop("repository", None) or Settings().model_repository)
+    repository = repo.location  # what each replica opens: an absolute path, or a URI it fetches from
     models = args.pop("models", None) or {name: {} for name in repo.model_names()}
     if isinstance(models, list):
         models = {name: {} for name in models}

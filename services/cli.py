@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from deepserve.errors import DeepServeError
-from deepserve.repository import ModelRepository, default_root
+from deepserve.repository import ModelRepository, default_location, default_root
 
 # Model name -> the family that builds it. One family may build several models.
 BUILDABLE = {
@@ -103,19 +103,24 @@ def _build(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
     repo = ModelRepository(args.repo)
-    names = repo.model_names()
+    try:
+        names = repo.model_names()
+    except DeepServeError as exc:  # a remote repository that cannot be read
+        print(f"deepserve models: {exc}", file=sys.stderr)
+        return 1
     if not names:
-        print(f"no models in {repo.root} (run `deepserve build`)")
+        print(f"no models in {repo.location} (run `deepserve build`)")
         return 1
     for name in names:
         for version in repo.versions(name):
-            model = repo.get(name, version)
+            kind, state = "?", "ok"
             try:
-                model.read_model_bytes()
-                state = "ok"
+                model = repo.get(name, version)  # a remote repository: fetches the manifest,
+                kind = model.manifest.kind
+                model.read_model_bytes()  # and the model file unless the cached copy matches
             except DeepServeError as exc:
                 state = f"REFUSED: {exc}"
-            print(f"{name:26s} v{version:4s} {model.manifest.kind:11s} {state}")
+            print(f"{name:26s} v{version:4s} {kind:11s} {state}")
     return 0
 
 
@@ -330,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_build)
 
     m = sub.add_parser("models", help="list the models in a repository and verify their files")
-    m.add_argument("--repo", type=Path, default=default_root())
+    m.add_argument("--repo", default=default_location(),
+                   help="model repository: a directory or a URI (http://, s3://, ...; see docs/model-repository.md)")
     m.set_defaults(func=_models)
 
     s = sub.add_parser("serve", help="serve the repository on Ray Serve over gRPC (port 9000)")

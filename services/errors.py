@@ -28,7 +28,12 @@ class ModelNotReady(DeepServeError):
 
 
 class ModelIntegrityError(DeepServeError):
-    """A model file does not match the sha256 recorded in its manifest."""
+    """A model file does not match the sha256 recorded in its manifest (or the manifest names
+    a file outside its version folder)."""
+
+
+class RepositoryUnavailable(DeepServeError):
+    """The model repository cannot be reached or read (a remote one: network, server, credentials)."""
 
 
 class Overloaded(DeepServeError):
@@ -45,6 +50,7 @@ STATUS_CODES: dict[type[DeepServeError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     ModelIntegrityError: grpc.StatusCode.FAILED_PRECONDITION,
+    RepositoryUnavailable: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }

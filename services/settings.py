@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     """Port of the Prometheus scrape endpoint."""
 
     model_repository: str = "model-repository"
-    """Directory of the model repository (see docs/model-repository.md)."""
+    """The model repository: a directory, or a URI (http(s)://, s3://, ...) that replicas fetch
+    into a verified local cache (see docs/model-repository.md)."""
 
     max_rows_per_request: int = Field(default=4096, ge=1)
     """Largest batch one request may carry; beyond it: INVALID_ARGUMENT."""

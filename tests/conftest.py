@@ -1,4 +1,5 @@
-"""Session fixtures shared by every test: the built model repository."""
+"""Session fixtures shared by every test: the built model repository, the real service, and
+the figures tests measure (printed at the end of the run)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,29 @@ from deepserve.repository import ModelRepository, default_root
 PROJECT = Path(__file__).resolve().parent.parent
 REQUIRED_MODELS = ("fraud-autoencoder", "digit-classifier", "digit-classifier-robust", "digit-dcgan",
                    "digit-diffusion", "graph-recommender")
+
+
+FIGURES: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, object]:
+    """Measured figures (name -> value) a test wants on record: printed after the run and
+    written to reports/figures.json. Tests still assert their targets; this only reports."""
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FIGURES:
+        return
+    import json
+
+    terminalreporter.section("measured figures")
+    for name, value in FIGURES.items():
+        terminalreporter.write_line(f"{name}: {value}")
+    reports = PROJECT / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / "figures.json").write_text(json.dumps(FIGURES, indent=2) + "\n")
 
 
 @pytest.fixture(scope="session")

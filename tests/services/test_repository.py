@@ -52,3 +52,12 @@ def test_latest_version_is_numeric_and_unknown_names_are_not_found(repo_copy, tm
         repo_copy.get("no-such-model")
     with pytest.raises(ModelNotFound, match="versions: 1, 2, 10"):
         repo_copy.get("digit-classifier", "7")
+
+
+def test_a_model_file_that_resolves_outside_its_version_is_refused(repo_copy, tmp_path):
+    model = repo_copy.get("digit-classifier")
+    outside = tmp_path / "elsewhere.onnx"
+    model.model_path.rename(outside)
+    model.model_path.symlink_to(outside)  # the right bytes, but not this version's file
+    with pytest.raises(ModelIntegrityError, match="not inside its version folder"):
+        repo_copy.load("digit-classifier")
