@@ -27,19 +27,34 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def choose_providers() -> list[str]:
-    """CUDA first when ONNX Runtime has it and the machine has an NVIDIA device, then CPU.
+def assigned_gpus() -> list[str]:
+    """The GPUs Ray gave this process (its actor's ``num_gpus``); none outside a Ray worker."""
+    import ray
 
-    ``DEEPSERVE_PROVIDER=cpu`` forces the CPU. (onnxruntime-gpu lists CUDA even where no
-    GPU exists; trying it there only adds warnings before the fallback.)
+    if not ray.is_initialized():
+        return []
+    return [str(g) for g in ray.get_gpu_ids()]
+
+
+def choose_providers(gpus: list[str], available: list[str], visible: str | None) -> list:
+    """ONNX Runtime's providers for a session: CUDA on the GPU Ray assigned, else the CPU.
+
+    A replica uses a GPU only when Ray gave it one (``ray_actor_options.num_gpus``, a fraction
+    included): a GPU merely present on the machine belongs to whoever Ray gave it to. Ray
+    narrows ``CUDA_VISIBLE_DEVICES`` to the assigned GPUs, so ONNX Runtime's ``device_id`` is
+    the assigned GPU's position in that list (0 for one GPU). ``DEEPSERVE_PROVIDER=cpu``
+    forces the CPU.
+
+    Args:
+        gpus: GPU ids Ray assigned (:func:`assigned_gpus`).
+        available: ONNX Runtime's available providers.
+        visible: ``$CUDA_VISIBLE_DEVICES``.
     """
-    import onnxruntime as ort
-
-    forced = os.environ.get("DEEPSERVE_PROVIDER", "auto").lower()
-    have_gpu = os.path.exists("/dev/nvidiactl") or bool(os.environ.get("NVIDIA_VISIBLE_DEVICES"))
-    if forced != "cpu" and CUDA in ort.get_available_providers() and have_gpu:
-        return [CUDA, CPU]
-    return [CPU]
+    if not gpus or CUDA not in available or os.environ.get("DEEPSERVE_PROVIDER", "auto").lower() == "cpu":
+        return [CPU]
+    order = [d.strip() for d in visible.split(",")] if visible else []
+    device = order.index(gpus[0]) if gpus[0] in order else (0 if order else int(gpus[0]))
+    return [(CUDA, {"device_id": device}), CPU]
 
 
 class Runtime:
@@ -120,7 +135,8 @@ class Runtime:
         options.intra_op_num_threads = intra_op_threads  # small models: threads cost more than they give
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=choose_providers())
+        providers = choose_providers(assigned_gpus(), ort.get_available_providers(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
         self.provider = self.session.get_providers()[0]
         self.run(self.example_inputs(1))  # the first run pays for lazy initialization
         self.load_seconds = time.perf_counter() - started
