@@ -17,7 +17,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test tools bench bench-generation protos protos-check clean distclean
+.PHONY: install models serve test tools bench bench-generation protos protos-check k8s k8s-check clean distclean
 
 install: $(STAMP)
 
@@ -65,6 +65,13 @@ protos: $(STAMP)
 
 protos-check: $(STAMP)
 	$(PY) scripts/gen_protos.py --check
+
+# deploy/k8s/: the generated serveConfigV2 patches, from deploy/serve_config.yaml (docs/deploy.md).
+k8s: $(STAMP)
+	$(PY) scripts/k8s.py generate
+
+k8s-check: $(STAMP)
+	$(PY) scripts/k8s.py generate --check
 
 clean:
 	rm -rf .pytest_cache build reports

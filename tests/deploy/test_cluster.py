@@ -169,6 +169,9 @@ def test_node_loss_under_load(cluster, figures, tmp_path):
     time.sleep(15)  # steady state over both gateways
     killed_at = time.time()
     assert cluster.kill("worker") > 0
+    marked_dead_at = cluster.python(  # the GCS's health checks notice the raylet is gone
+        f"import time\nwhile any(n['Alive'] for n in ray.nodes() if n['NodeManagerAddress'] == {worker!r}):\n"
+        "    time.sleep(0.1)\nprint(json.dumps(time.time()))")
     # Serve drops the lost gateway (the policy follows the nodes) and replaces lost replicas.
     wait_for(lambda: running(cluster, "Gateway") == 1 and all(
         running(cluster, d) >= 2 for d in ("digit-classifier-robust", "digit-dcgan", "digit-diffusion")),
@@ -187,6 +190,7 @@ def test_node_loss_under_load(cluster, figures, tmp_path):
         "node loss: failed %": round(100 * total["failures"] / total["requests"], 3),
         "node loss: slowest call ms": round(total["max_ms"]),
         "node loss: client recovery s (kill to last failure)": round(recovery_s, 1),
+        "node loss: GCS marked the node dead s": round(marked_dead_at - killed_at, 1),
         "node loss: Serve replaced lost replicas s": round(replaced_s, 1),
         "node loss: errors": [f"{e['error']} x{e['occurrences']}" for e in summary["errors"]],
     })
