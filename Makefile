@@ -17,7 +17,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test tools bench bench-generation protos protos-check k8s k8s-check clean distclean
+.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation protos protos-check k8s k8s-check clean distclean
 
 install: $(STAMP)
 
@@ -37,14 +37,29 @@ models: $(STAMP)
 serve: models
 	$(BIN)/deepserve serve --repo $(REPO) --config deploy/serve_config.yaml
 
-test: models tools
+test: models tools perf-analyzer-install
 	$(PY) -m pytest
 
-# Debian's Prometheus (server and promtool) for the metrics tests; installed where we may.
+# Debian's packages the tests use, installed where we may: Prometheus (server and promtool)
+# for the metrics tests, libb64 for perf_analyzer.
+DEBIAN_PACKAGES := prometheus libb64-0d
 tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
-	  else echo "note: Debian's prometheus package is missing (sudo apt-get install prometheus); its tests will be skipped"; fi; }
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: Debian packages missing (sudo apt-get install$$missing); the tests that need them will be skipped"; fi; fi
+
+# Triton's perf_analyzer, from the tritonclient 2.50.0 wheel (newer ones need glibc 2.38), with
+# the CUDA runtime library it links against, in its own venv. Not fatal: its tests skip without it.
+PERF_VENV := .venv-perf
+perf-analyzer-install:
+	@test -f $(PERF_VENV)/.installed || { $(PYTHON) -m venv $(PERF_VENV) && \
+	  $(PERF_VENV)/bin/pip install --quiet 'tritonclient==2.50.0' 'nvidia-cuda-runtime-cu12' && \
+	  touch $(PERF_VENV)/.installed; } || echo "note: perf_analyzer could not be installed; its tests will be skipped"
+
+# perf_analyzer against a running `make serve` (HOST), every model: its table (docs/benchmarks.md).
+perf-analyzer: perf-analyzer-install
+	$(PY) loadtests/perf_analyzer.py --target $(HOST)
 
 # KServe, the peer in the benchmark, lives in its own venv: its pins clash with Ray's.
 KSERVE_VENV := .venv-kserve
@@ -78,7 +93,7 @@ clean:
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(KSERVE_VENV) $(REPO) *.egg-info
+	rm -rf $(VENV) $(KSERVE_VENV) $(PERF_VENV) $(REPO) *.egg-info
 
 # Load test against an already running `make serve` (loadtests/README.md). Override e.g.
 #   make loadtest USERS=16 DURATION=60 SLO_ARGS="--slo-p99-ms 50 --slo-error-rate 0.01"

@@ -49,6 +49,7 @@ from deepserve.repository import ModelRepository
 from deepserve.generation import StepBatcher
 from deepserve.runtime import GenerationRequest, GenerationResult, GenerativeRuntime, runtime_for
 from deepserve.settings import Settings
+from deepserve.statistics import Timing
 
 log = logging.getLogger("deepserve")
 
@@ -95,7 +96,7 @@ class ModelReplica:
         self.pid = os.getpid()
         self.gauges = asyncio.get_running_loop().create_task(_refresh_gauges(f"replica:{name}"))
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Timing]:
         # The gateway enforces the client's deadline; this bound only stops runaway work.
         return await self.backend.infer(inputs, timeout=300.0)
 
@@ -211,7 +212,7 @@ class RayBackend:
             if not finished:
                 stream.cancel()
 
-    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> tuple[dict[str, np.ndarray], Timing]:
         return await self._call("infer", timeout, inputs)
 
     async def info(self, timeout: float) -> dict[str, Any]:
@@ -247,8 +248,11 @@ class Gateway:
             else:
                 runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request)
                 backend = RayBackend(name, handles[name])
-            served.append(ServedModel(runtime=runtime, backend=backend))
-        self.dataplane = DataPlane(served, settings.default_timeout_s)
+            served.append(ServedModel(runtime=runtime, backend=backend, placement=entry["placement"],
+                                      batching=BatchingConfig.from_dict(entry["batching"])))
+        self.plan = plan
+        index = {name: repo.versions(name) for name in repo.model_names()}  # RepositoryIndex
+        self.dataplane = DataPlane(served, settings.default_timeout_s, index, self._replica_counts)
         self._last_report = (time.monotonic(), 0)
         self.poll_s = settings.readiness_poll_s
         await self.dataplane.refresh()
@@ -257,6 +261,18 @@ class Gateway:
                                  self.node, settings.max_connection_age_s, settings.connection_age_grace_s)
         await self.server.start()
         self.poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _replica_counts(self) -> dict[str, int]:
+        """Running replicas per model, from Serve: the gateways for models placed in them."""
+        status = await asyncio.get_running_loop().run_in_executor(None, serve.status)  # a controller call
+        deployments = status.applications[serve.get_replica_context().app_name].deployments
+
+        def running(deployment: str) -> int:
+            found = deployments.get(deployment)
+            return found.replica_states.get("RUNNING", 0) if found else 0
+
+        return {name: running("Gateway" if entry["placement"] == "gateway" else name)
+                for name, entry in self.plan.items()}
 
     async def _poll(self) -> None:
         while True:

@@ -27,6 +27,7 @@ import numpy as np
 from deepserve import metrics
 from deepserve.errors import DeadlineExceeded, Overloaded
 from deepserve.runtime import Runtime
+from deepserve.statistics import Timing
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class BatchingBackend:
         self.threaded = threaded
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"onnx-{runtime.name}")
 
-    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> tuple[dict[str, np.ndarray], Timing]:
+        """The graph's outputs for ``inputs``, and what computing them cost (:class:`Timing`)."""
         if self._in_flight >= self.config.max_queued:
             raise Overloaded(
                 f"model '{self.runtime.name}' is overloaded: {self._in_flight} requests in flight; "
@@ -92,8 +94,9 @@ class BatchingBackend:
             # a timer); the loop is busy for those microseconds either way.
             started = time.perf_counter()
             outputs = self.runtime.run(inputs)
-            self._record(1, len(next(iter(inputs.values()))), time.perf_counter() - started, (0.0,))
-            return outputs
+            seconds, rows = time.perf_counter() - started, len(next(iter(inputs.values())))
+            self._record(1, rows, seconds, (0.0,))
+            return outputs, Timing(0.0, seconds, 1.0, rows)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((inputs, future, time.perf_counter()))
@@ -153,16 +156,18 @@ class BatchingBackend:
                     future.set_exception(RuntimeError(f"model '{self.runtime.name}' failed to compute"))
             return
         outputs, seconds = outputs
-        self._record(len(group), sum(counts), seconds, [started - queued for _, _, queued in group])
+        waits = [started - queued for _, _, queued in group]
+        self._record(len(group), sum(counts), seconds, waits)
         if len(group) == 1:
             parts = [outputs]
         else:
             bounds = np.cumsum(counts)[:-1]
             split = {name: np.split(array, bounds) for name, array in outputs.items()}
             parts = [{name: split[name][i] for name in outputs} for i in range(len(group))]
-        for (_, future, _), part in zip(group, parts):
+        share, rows = 1.0 / len(group), sum(counts)
+        for (_, future, _), part, wait in zip(group, parts, waits):
             if not future.done():
-                future.set_result(part)
+                future.set_result((part, Timing(wait, seconds, share, rows)))
 
     def _timed_run(self, inputs):
         started = time.perf_counter()

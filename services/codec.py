@@ -32,6 +32,7 @@ __all__ = [
     "encode_output",
     "numpy_to_datatype",
     "parameters_to_dict",
+    "split_reserved",
 ]
 
 InferInputTensor = inference_pb2.ModelInferRequest.InferInputTensor
@@ -340,6 +341,36 @@ def parameters_to_dict(
             )
         out[key] = getattr(param, kind)
     return out
+
+
+# Request parameters Triton reserves for itself (its "parameters", "sequence" and
+# "schedule_policy" extensions), and every name with the "triton_" prefix. DeepServe honours
+# `timeout` (a server-side deadline) and accepts the others without effect: its models are
+# stateless and each has one FIFO queue (docs/triton-compatibility.md).
+TRITON_RESERVED = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers"})
+
+
+def split_reserved(parameters: dict[str, ParameterValue]) -> tuple[dict[str, ParameterValue], float | None]:
+    """A request's parameters without Triton's reserved ones, and its ``timeout`` in seconds.
+
+    Args:
+        parameters: the request's parameters (:func:`parameters_to_dict`).
+
+    Returns:
+        ``(model parameters, timeout)``; timeout is None when absent or 0 (Triton: none).
+
+    Raises:
+        InvalidInput: ``timeout`` or ``priority`` is not a non-negative integer.
+    """
+    model_parameters = {k: v for k, v in parameters.items() if k not in TRITON_RESERVED and not k.startswith("triton_")}
+    for name in ("timeout", "priority"):
+        value = parameters.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0) and not (
+                isinstance(value, str) and value.isdigit()):
+            raise InvalidInput(f"parameter '{name}': expected a non-negative integer"
+                               f"{' (microseconds)' if name == 'timeout' else ''}, got {value!r}")
+    timeout_us = int(parameters.get("timeout") or 0)
+    return model_parameters, (timeout_us / 1e6 if timeout_us else None)
 
 
 def dict_to_parameters(

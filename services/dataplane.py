@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import numpy as np
 
 from deepserve import __version__, metrics
+from deepserve.batching import BatchingConfig
 from deepserve.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
 from deepserve.runtime import (
     AnomalyResult,
@@ -29,6 +30,7 @@ from deepserve.runtime import (
     RecommenderRuntime,
     Runtime,
 )
+from deepserve.statistics import Statistics, Timing
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ PLATFORM = "onnxruntime_onnx"
 class Backend(Protocol):
     """Where a model's tensors are computed."""
 
-    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> dict[str, np.ndarray]:
-        """The graph's outputs; raises a DeepServeError (DeadlineExceeded, Overloaded, ...)."""
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> tuple[dict[str, np.ndarray], Timing]:
+        """The graph's outputs and what they cost; raises a DeepServeError (DeadlineExceeded, ...)."""
 
     async def info(self, timeout: float) -> dict[str, Any]:
         """A replica's report: at least ``provider`` and ``load_seconds``."""
@@ -53,6 +55,8 @@ class Backend(Protocol):
 class ServedModel:
     runtime: Runtime  # signature and kind logic; no session on the gateway
     backend: Backend
+    placement: str = "gateway"  # or "deployment" (docs/architecture.md)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     ready: bool = False
     replica_info: dict[str, Any] = field(default_factory=dict)
     in_flight: int = 0
@@ -65,11 +69,25 @@ class ServedModel:
 class DataPlane:
     """Model lookup, validation, inference and the typed APIs' post-processing."""
 
-    def __init__(self, models: list[ServedModel], default_timeout_s: float = 30.0):
+    def __init__(self, models: list[ServedModel], default_timeout_s: float = 30.0,
+                 repository: dict[str, list[str]] | None = None,
+                 replica_counts: Callable[[], Awaitable[dict[str, int]]] | None = None):
+        """
+        Args:
+            models: the served models.
+            default_timeout_s: the deadline of a request that comes without one.
+            repository: every model and version the repository held at start
+                (``RepositoryIndex``); default: the served ones.
+            replica_counts: how many replicas compute each model now (``ModelConfig``'s
+                instance groups); default: one each.
+        """
         self.models = {m.runtime.name: m for m in models}
         self.default_timeout_s = default_timeout_s
+        self.repository = repository or {n: [m.runtime.version] for n, m in self.models.items()}
+        self._replica_counts = replica_counts
         self.requests_total = 0  # inference requests that reached a model (for autoscaling)
         self.metrics = metrics.get()
+        self.statistics = Statistics()
 
     # ------------------------------------------------------------------ health
 
@@ -130,7 +148,9 @@ class DataPlane:
     # ------------------------------------------------------------------ metadata
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": SERVER_NAME, "version": __version__, "extensions": []}
+        # Triton's extension names, for the ones implemented whole (docs/triton-compatibility.md).
+        return {"name": SERVER_NAME, "version": __version__,
+                "extensions": ["model_configuration", "statistics", "parameters"]}
 
     # ------------------------------------------------------------------ inference
 
@@ -143,13 +163,31 @@ class DataPlane:
     async def _run(self, model: ServedModel, inputs: dict[str, np.ndarray], remaining: float | None):
         if not model.ready:
             raise ModelNotReady(f"model '{model.runtime.name}' has no ready replica yet; retry shortly")
-        model.runtime.validate(inputs)
+        rows = model.runtime.validate(inputs)
         self.requests_total += 1
         model.in_flight += 1
         try:
-            return await model.backend.infer(inputs, self._timeout(remaining))
+            outputs, timing = await model.backend.infer(inputs, self._timeout(remaining))
         finally:
             model.in_flight -= 1
+        self.statistics.of(model.runtime.name, model.runtime.version).computed(rows, timing)
+        return outputs
+
+    # ------------------------------------------------------------------ statistics and the cluster
+
+    def answered(self, name: str, version: str, ok: bool, seconds: float) -> None:
+        """An inference request to a served model ended (OK or not) after ``seconds``."""
+        if name in self.models:
+            self.statistics.of(name, version).answered(ok, seconds)
+
+    async def replica_counts(self) -> dict[str, int]:
+        """Replicas computing each model now (one each when nobody can say)."""
+        if self._replica_counts is not None:
+            try:
+                return await self._replica_counts()
+            except Exception:  # noqa: BLE001 - a description, not worth failing a call for
+                log.warning("replica counts unavailable", exc_info=True)
+        return {name: 1 for name in self.models}
 
     def publish_gauges(self) -> None:
         """Readiness and in-flight gauges, sampled (the readiness poll calls this each second)."""
@@ -301,6 +339,9 @@ class DataPlane:
         model.in_flight += 1
         try:
             async for event in model.backend.generate(request, self._timeout(remaining)):
+                if isinstance(event, GenerationResult):
+                    stats = self.statistics.of(model.runtime.name, model.runtime.version)
+                    stats.computed(len(event.images), event.timing)
                 yield event
         finally:
             model.in_flight -= 1

@@ -19,6 +19,7 @@ GAN requests are one-step jobs through the same loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -31,6 +32,7 @@ import numpy as np
 from deepserve import metrics
 from deepserve.batching import BatchingConfig
 from deepserve.errors import DeadlineExceeded, InvalidInput, Overloaded
+from deepserve.statistics import Timing
 from deepserve.runtime import (
     GenerationJob,
     GenerationProgress,
@@ -57,6 +59,19 @@ class _Entry:
     job: GenerationJob
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     closed: bool = False  # finished, failed, or its client went away
+    arrived: float = field(default_factory=time.perf_counter)
+    queue_s: float | None = None  # arrival to its first step
+    compute_s: float = 0.0  # the steps it rode
+    executions: float = 0.0  # its shares of those steps
+
+    def stepped(self, started: float, seconds: float, share: float) -> None:
+        if self.queue_s is None:
+            self.queue_s = started - self.arrived
+        self.compute_s += seconds
+        self.executions += share
+
+    def timing(self, rows: int) -> Timing:
+        return Timing(self.queue_s or 0.0, self.compute_s, self.executions, rows)
 
 
 class StepBatcher:
@@ -154,6 +169,7 @@ class StepBatcher:
             merged = feeds[0] if len(feeds) == 1 else {
                 name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]
             }
+            started = time.perf_counter()
             try:
                 outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, merged)
             except Exception:  # the session failed: every running job learns it
@@ -170,12 +186,13 @@ class StepBatcher:
             for i, entry in enumerate(batch):
                 if entry.closed:
                     continue
+                entry.stepped(started, seconds, 1.0 / len(batch))
                 try:
                     progress = entry.job.advance({name: parts[name][i] for name in outputs})
                     if entry.job.request.progress:
                         entry.events.put_nowait(progress)
                     if entry.job.done:
-                        result = entry.job.result()
+                        result = dataclasses.replace(entry.job.result(), timing=entry.timing(sum(rows)))
                         finished += len(result.images)
                         entry.events.put_nowait(result)
                         entry.closed = True  # finished: leaves the running set

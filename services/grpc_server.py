@@ -15,14 +15,14 @@ import time
 
 import grpc
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from deepserve import codec, metrics
+from deepserve import codec, metrics, triton
 from deepserve.client import NODE_METADATA_KEY
 from deepserve.dataplane import PLATFORM, DataPlane
-from deepserve.errors import InvalidInput, to_status
+from deepserve.errors import InvalidInput, ModelNotFound, to_status
 from deepserve.runtime import GenerationResult, GenerativeRuntime, RecommenderRuntime, png_bytes
 from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 BATCHING_FIELDS = ("batch_runs", "batched_requests", "largest_batch", "in_flight", "threaded")
 
 
-def _handled(model_field: str | None = None, default_model: str = ""):
+def _handled(model_field: str | None = None, default_model: str = "", inference: bool = False):
     """Decorate an RPC (a coroutine, or an async generator for server streaming): errors
     become status codes (INTERNAL ones are logged), and every call is counted and timed by
     model, method and code.
@@ -43,6 +43,8 @@ def _handled(model_field: str | None = None, default_model: str = ""):
     Args:
         model_field: the request field naming the model (None for server-level RPCs).
         default_model: the model an empty field means.
+        inference: an inference call: it also counts in the model's statistics
+            (``ModelStatistics``: success or fail, and how long it took).
     """
 
     def decorate(method):
@@ -58,7 +60,10 @@ def _handled(model_field: str | None = None, default_model: str = ""):
         def record(self, request, code: str, started: float) -> None:
             name = (getattr(request, model_field) or default_model) if model_field else None
             model, version = self.dataplane.labels(name)
-            self.metrics.request(model, version, rpc, code, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.request(model, version, rpc, code, seconds)
+            if inference:
+                self.dataplane.answered(model, version, code == "OK", seconds)
 
         if inspect.isasyncgenfunction(method):
             @functools.wraps(method)
@@ -138,16 +143,21 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in runtime.output_specs()],
         )
 
-    @_handled("model_name")
+    @_handled("model_name", inference=True)
     async def ModelInfer(self, request, context):
         inputs = codec.decode_request_inputs(request)
+        # Triton's reserved parameters: `timeout` (microseconds) is a server-side deadline.
+        parameters, timeout = codec.split_reserved(codec.parameters_to_dict(request.parameters))
+        remaining = context.time_remaining()
+        if timeout is not None:
+            remaining = timeout if remaining is None else min(remaining, timeout)
         model, outputs = await self.dataplane.infer(
             request.model_name,
             request.model_version,
             inputs,
-            parameters=codec.parameters_to_dict(request.parameters),
+            parameters=parameters,
             requested_outputs=[o.name for o in request.outputs],
-            remaining=context.time_remaining(),
+            remaining=remaining,
         )
         response = oip.ModelInferResponse(
             model_name=model.runtime.name, model_version=model.runtime.version, id=request.id
@@ -159,11 +169,38 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         return response
 
 
+    # ------------------------------------------------------------------ Triton's extensions
+
+    @_handled("name")
+    async def ModelConfig(self, request, context):
+        model = self.dataplane.get(request.name, request.version)
+        replicas = (await self.dataplane.replica_counts()).get(model.runtime.name, 1)
+        config = triton.model_config(model, replicas, model.runtime.max_rows)
+        return oip.ModelConfigResponse(config=json_format.ParseDict(config, oip.ModelConfig()))
+
+    @_handled("name")
+    async def ModelStatistics(self, request, context):
+        names = [request.name] if request.name else sorted(self.dataplane.models)
+        stats = []
+        for name in names:
+            version = self.dataplane.get(name, request.version).runtime.version  # NOT_FOUND if not served
+            stats.append(triton.model_statistics(name, version, self.dataplane.statistics.of(name, version)))
+        return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
+
+    @_handled()
+    async def RepositoryIndex(self, request, context):
+        if request.repository_name:
+            raise ModelNotFound(f"repository '{request.repository_name}' is not served: DeepServe has one "
+                                "model repository; leave repository_name empty")
+        index = triton.repository_index(self.dataplane.repository, self.dataplane.models, request.ready)
+        return json_format.ParseDict({"models": index}, oip.RepositoryIndexResponse())
+
+
 # ---------------------------------------------------------------------------- deepserve.v1
 
 
 class FraudScoringServicer(_Servicer, v1_grpc.FraudScoringServicer):
-    @_handled("model", "fraud-autoencoder")
+    @_handled("model", "fraud-autoencoder", inference=True)
     async def Score(self, request, context):
         if not request.transactions:
             raise InvalidInput("transactions: empty batch; send at least one transaction")
@@ -198,7 +235,7 @@ class FraudScoringServicer(_Servicer, v1_grpc.FraudScoringServicer):
 
 
 class ClassifierServicer(_Servicer, v1_grpc.ClassifierServicer):
-    @_handled("model", "digit-classifier")
+    @_handled("model", "digit-classifier", inference=True)
     async def Classify(self, request, context):
         images = []
         for i, image in enumerate(request.images):
@@ -219,7 +256,7 @@ class ClassifierServicer(_Servicer, v1_grpc.ClassifierServicer):
 
 
 class RecommenderServicer(_Servicer, v1_grpc.RecommenderServicer):
-    @_handled("model", "graph-recommender")
+    @_handled("model", "graph-recommender", inference=True)
     async def Recommend(self, request, context):
         if len(request.neighbors) > RecommenderRuntime.MAX_NEIGHBORS:
             raise InvalidInput(f"neighbors: at most {RecommenderRuntime.MAX_NEIGHBORS}, got {len(request.neighbors)}")
@@ -267,7 +304,7 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
             ],
         )
 
-    @_handled("model", "digit-diffusion")
+    @_handled("model", "digit-diffusion", inference=True)
     async def Generate(self, request, context):
         model, events = self._start(request, context, stream=False)
         async for event in events:
@@ -275,7 +312,7 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
                 return self._response(model, event)
         raise RuntimeError("the generation ended without a result")
 
-    @_handled("model", "digit-diffusion")
+    @_handled("model", "digit-diffusion", inference=True)
     async def GenerateStream(self, request, context):
         model, events = self._start(request, context, stream=True)
         async for event in events:

@@ -20,6 +20,7 @@ from deepserve import sampling
 from deepserve.codec import DATATYPE_TO_NUMPY
 from deepserve.errors import InvalidInput
 from deepserve.repository import Manifest, TensorSpec
+from deepserve.statistics import NO_TIMING, Timing
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +355,7 @@ class GenerationResult:
     steps: int
     guidance: float
     sampler: str
+    timing: Timing = NO_TIMING  # what computing it cost (the step batcher fills it in)
 
 
 class GenerationJob:

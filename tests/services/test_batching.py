@@ -32,12 +32,16 @@ def test_concurrent_requests_share_runs_and_get_their_own_rows(runtime):
         return await asyncio.gather(*(backend.infer(r, timeout=10) for r in requests))
 
     results = asyncio.run(main())
-    for request, result in zip(requests, results):
+    for request, (result, _) in zip(requests, results):
         want = runtime.run(request)
         np.testing.assert_allclose(result["probabilities"], want["probabilities"], rtol=1e-5, atol=1e-6)
     assert backend.stats.requests == len(requests)
     assert backend.stats.runs < len(requests)  # some runs carried several requests
     assert backend.stats.rows == sum(len(r["images"]) for r in requests)
+    # Each request's share of its run: the shares add up to the runs, exactly.
+    timings = [timing for _, timing in results]
+    assert sum(t.executions for t in timings) == pytest.approx(backend.stats.runs)
+    assert all(t.compute_s > 0 and t.queue_s >= 0 and t.batch_rows >= 1 for t in timings)
 
 
 def test_inline_models_compute_each_request_as_it_comes(runtime):
@@ -47,8 +51,9 @@ def test_inline_models_compute_each_request_as_it_comes(runtime):
     async def main():
         return await asyncio.gather(*(backend.infer(r, timeout=10) for r in requests))
 
-    for request, result in zip(requests, asyncio.run(main())):
+    for request, (result, timing) in zip(requests, asyncio.run(main())):
         np.testing.assert_allclose(result["probabilities"], runtime.run(request)["probabilities"], rtol=1e-6)
+        assert timing.executions == 1.0 and timing.queue_s == 0.0 and timing.batch_rows == len(request["images"])
     assert backend.stats.runs == 3 and backend.stats.largest == 1
 
 
@@ -79,7 +84,7 @@ def test_full_queue_is_overloaded(runtime):
     results = asyncio.run(main())
     refused = [r for r in results if isinstance(r, Overloaded)]
     assert len(refused) == 5 and all("overloaded" in str(r) for r in refused)
-    assert sum(isinstance(r, dict) for r in results) == 3
+    assert sum(isinstance(r, tuple) for r in results) == 3
 
 
 def test_deadline_while_queued(runtime):
@@ -91,7 +96,7 @@ def test_deadline_while_queued(runtime):
 
     short, long = asyncio.run(main())
     assert isinstance(short, DeadlineExceeded) and "deadline" in str(short)
-    assert isinstance(long, dict) and backend.stats.requests == 1  # the expired one never ran
+    assert isinstance(long, tuple) and backend.stats.requests == 1  # the expired one never ran
 
 
 def test_batching_options_are_checked():

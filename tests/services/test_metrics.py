@@ -76,9 +76,10 @@ def scalar(base: str, promql: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def settled(base: str, promql: str, quiet_s: float = 5.0, timeout: float = 90.0) -> float:
-    """The value once it has stopped changing: the process flushes each second, Ray exports
-    each second (in tests) and Prometheus scrapes each second, so 5 s of quiet means caught up."""
+def settled(base: str, promql: str, quiet_s: float = 5.0, timeout: float = 90.0, exists: bool = False) -> float:
+    """The value once it has stopped changing (and, with ``exists``, once the series is there):
+    the process flushes each second, Ray exports each second (in tests) and Prometheus scrapes
+    each second, so 5 s of quiet means caught up."""
     deadline = time.monotonic() + timeout
     value, since = scalar(base, promql), time.monotonic()
     while time.monotonic() < deadline:
@@ -86,7 +87,7 @@ def settled(base: str, promql: str, quiet_s: float = 5.0, timeout: float = 90.0)
         now = scalar(base, promql)
         if now != value:
             value, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
+        elif (value > 0 or not exists) and time.monotonic() - since >= quiet_s:
             return value
     raise AssertionError(f"{promql} never settled")
 
@@ -108,12 +109,6 @@ REQUESTS = 'sum(ray_deepserve_requests_total{{model="{model}",method="{method}",
 def test_scraped_counters_match_the_load(prometheus, server):
     model = "digit-classifier-robust"
     counts = {"OK": 37, "INVALID_ARGUMENT": 11}
-    before = {code: settled(prometheus, REQUESTS.format(model=model, method="ModelInfer", code=code))
-              for code in counts}
-    before_unknown = settled(prometheus, REQUESTS.format(model="unknown", method="ModelInfer", code="NOT_FOUND"))
-    before_count = settled(prometheus, f'sum(ray_deepserve_request_duration_seconds_count{{model="{model}",'
-                                       f'method="ModelInfer"}})')
-
     good = oip.ModelInferRequest(model_name=model)
     good.inputs.add(name="images", datatype="FP32", shape=[2, 1, 8, 8])
     good.raw_input_contents.append(np.zeros((2, 1, 8, 8), np.float32).tobytes())
@@ -121,6 +116,21 @@ def test_scraped_counters_match_the_load(prometheus, server):
     bad.inputs.add(name="images", datatype="FP32", shape=[2, 64])
     bad.raw_input_contents.append(np.zeros((2, 64), np.float32).tobytes())
     unknown = oip.ModelInferRequest(model_name="typo-model-123")
+    # One of each first: every series exists before the baseline is read (a series that
+    # earlier tests started may not have reached Prometheus yet, and would read as 0).
+    with grpc.insecure_channel(server) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(good, timeout=10)
+        for request in (bad, unknown):
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(request, timeout=10)
+    before = {code: settled(prometheus, REQUESTS.format(model=model, method="ModelInfer", code=code), exists=True)
+              for code in counts}
+    before_unknown = settled(prometheus, REQUESTS.format(model="unknown", method="ModelInfer", code="NOT_FOUND"),
+                             exists=True)
+    before_count = settled(prometheus, f'sum(ray_deepserve_request_duration_seconds_count{{model="{model}",'
+                                       f'method="ModelInfer"}})', exists=True)
+
     with grpc.insecure_channel(server) as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         for _ in range(counts["OK"]):
