@@ -193,6 +193,9 @@ def decode_request_inputs(request: inference_pb2.ModelInferRequest) -> dict[str,
     for i, tensor in enumerate(inputs):
         if tensor.name in decoded:
             raise _invalid(tensor.name, "appears more than once; expected unique input names")
+        if "shared_memory_region" in tensor.parameters:  # Triton's shared-memory extension
+            raise _invalid(tensor.name, "is in a shared-memory region, which DeepServe does not support; "
+                                        "send the data in raw_input_contents")
         decoded[tensor.name] = decode_input(tensor, raws[i] if raws else None)
     return decoded
 

@@ -423,3 +423,20 @@ def test_oip_messages_match_tritonclient_descriptors():
         assert method.input_type.full_name == reference.input_type.full_name
         assert method.output_type.full_name == reference.output_type.full_name
         assert not (method.client_streaming or method.server_streaming)
+
+def test_shared_memory_inputs_are_refused_by_name():
+    request = inference_pb2.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    tensor.parameters["shared_memory_region"].string_param = "region0"
+    with pytest.raises(InvalidInput, match="'x'.*shared-memory region"):
+        codec.decode_request_inputs(request)
+
+
+def test_triton_reserved_parameters_are_split_off():
+    params = {"threshold": 0.5, "timeout": 2_500_000, "priority": 2, "sequence_id": 4, "triton_x": True, "headers": "h"}
+    assert codec.split_reserved(params) == ({"threshold": 0.5}, 2.5)
+    assert codec.split_reserved({"timeout": 0}) == ({}, None)  # Triton: 0 means none
+    assert codec.split_reserved({"timeout": "1000"}) == ({}, 0.001)  # older clients send strings
+    for bad in ({"timeout": -1}, {"timeout": 1.5}, {"priority": "high"}, {"timeout": True}):
+        with pytest.raises(InvalidInput):
+            codec.split_reserved(bad)

@@ -180,3 +180,15 @@ def test_malformed_reserved_parameters_are_invalid(client):
         with pytest.raises(grpc.RpcError) as failed:
             client.inference.ModelInfer(_fraud_request(**{name: param}))
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and name in failed.value.details()
+
+
+def test_tritonclient_takes_the_retry_policy(server):
+    """docs/triton-compatibility.md's recipe: DeepServe's service config through channel_args."""
+    import json
+
+    from deepserve.client import SERVICE_CONFIG
+
+    args = [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
+    with triton.InferenceServerClient(f"ipv4:{server}", channel_args=args) as c:
+        assert c.is_server_ready()
+        assert c.infer("fraud-autoencoder", [_fraud_input()]).as_numpy("score").shape == (1,)
