@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from k8s_objects import K8S, OVERLAYS, PROJECT
+from k8s_objects import K8S, OVERLAYS, PROJECT, k8s, rendered  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
 

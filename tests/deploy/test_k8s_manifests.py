@@ -10,7 +10,8 @@ import shlex
 
 import pytest
 import yaml
-from k8s_objects import K8S, OVERLAYS, PROJECT, SCHEMAS, env, groups, only, ports, ray_container, workers
+from k8s_objects import (  # noqa: F401 (k8s, rendered: fixtures)
+    K8S, OVERLAYS, PROJECT, SCHEMAS, env, groups, k8s, only, ports, ray_container, rendered, workers)
 
 pytestmark = pytest.mark.timeout(120)
 
