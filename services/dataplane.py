@@ -60,6 +60,7 @@ class ServedModel:
     ready: bool = False
     replica_info: dict[str, Any] = field(default_factory=dict)
     in_flight: int = 0
+    failed_probes: int = 0  # readiness probes failed in a row
 
     @property
     def provider(self) -> str:
@@ -131,17 +132,22 @@ class DataPlane:
     def model_ready(self, name: str, version: str = "") -> bool:
         return self.get(name, version).ready
 
+    # A ready model turns unready after this many probes in a row fail: one failure may be a
+    # probe that Serve routed to a replica on a node just lost, while the others still serve.
+    UNREADY_AFTER = 2
+
     async def refresh(self, timeout: float = 2.0) -> None:
         """Ask one replica of every model for its report; a model that answers is ready."""
 
         async def probe(model: ServedModel) -> None:
             try:
                 model.replica_info = await model.backend.info(timeout)
-                model.ready = True
+                model.ready, model.failed_probes = True, 0
             except Exception as exc:  # any failure means "not ready now"
-                if model.ready:
+                model.failed_probes += 1
+                if model.ready and model.failed_probes >= self.UNREADY_AFTER:
                     log.warning("model %s is not ready: %s", model.runtime.name, exc)
-                model.ready = False
+                    model.ready = False
 
         await asyncio.gather(*(probe(m) for m in self.models.values()))
 
