@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Union
 
 import numpy as np
@@ -142,9 +142,7 @@ def decode_input(tensor: InferInputTensor, raw: bytes | None) -> np.ndarray:
         raise _invalid(
             name, f"unknown datatype {datatype!r}; expected one of {', '.join(DATATYPE_TO_NUMPY)}"
         )
-    shape = tuple(tensor.shape)
-    if any(dim < 0 for dim in shape):
-        raise _invalid(name, f"shape {list(shape)} has a negative dimension; expected all >= 0")
+    shape = _checked_shape(name, tensor.shape)
     count = math.prod(shape)
 
     if raw is None:
@@ -167,12 +165,35 @@ def decode_input(tensor: InferInputTensor, raw: bytes | None) -> np.ndarray:
     return array.reshape(shape)
 
 
-def decode_request_inputs(request: inference_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
+# No tensor a request can carry has more dimensions or longer ones than these; anything
+# beyond is refused from the header alone (numpy cannot even describe some such shapes).
+MAX_RANK = 16
+MAX_DIMENSION = 2**31 - 1
+
+
+def _checked_shape(name: str, dims) -> tuple[int, ...]:
+    shape = tuple(dims)
+    if len(shape) > MAX_RANK:
+        raise _invalid(name, f"shape has {len(shape)} dimensions; expected at most {MAX_RANK}")
+    if any(dim < 0 for dim in shape):
+        raise _invalid(name, f"shape {list(shape)} has a negative dimension; expected all >= 0")
+    if any(dim > MAX_DIMENSION for dim in shape):
+        raise _invalid(name, f"shape {list(shape)} has a dimension over {MAX_DIMENSION}")
+    return shape
+
+
+def decode_request_inputs(
+    request: inference_pb2.ModelInferRequest,
+    check: Callable[[str, str, tuple[int, ...]], None] | None = None,
+) -> dict[str, np.ndarray]:
     """Decode every input of a request.
 
     Args:
         request: The request. When it carries ``raw_input_contents``, there must be
             exactly one entry per input, in the order of ``inputs``.
+        check: called with each input's name, datatype and shape before its data is
+            read (the model's signature: :meth:`deepserve.runtime.Runtime.check_tensor`),
+            so that a tensor the model would refuse costs no decoding.
 
     Returns:
         Input name -> array, in request order.
@@ -196,6 +217,8 @@ def decode_request_inputs(request: inference_pb2.ModelInferRequest) -> dict[str,
         if "shared_memory_region" in tensor.parameters:  # Triton's shared-memory extension
             raise _invalid(tensor.name, "is in a shared-memory region, which DeepServe does not support; "
                                         "send the data in raw_input_contents")
+        if check is not None:
+            check(tensor.name, tensor.datatype, _checked_shape(tensor.name, tensor.shape))
         decoded[tensor.name] = decode_input(tensor, raws[i] if raws else None)
     return decoded
 

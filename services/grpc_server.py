@@ -145,7 +145,9 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
 
     @_handled("model_name", inference=True)
     async def ModelInfer(self, request, context):
-        inputs = codec.decode_request_inputs(request)
+        # The signature is checked from each tensor's header before its data is decoded.
+        runtime = self.dataplane.get(request.model_name, request.model_version).runtime
+        inputs = codec.decode_request_inputs(request, check=runtime.check_tensor)
         # Triton's reserved parameters: `timeout` (microseconds) is a server-side deadline.
         parameters, timeout = codec.split_reserved(codec.parameters_to_dict(request.parameters))
         remaining = context.time_remaining()

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from deepserve import sampling
-from deepserve.codec import DATATYPE_TO_NUMPY
+from deepserve.codec import DATATYPE_TO_NUMPY, numpy_to_datatype
 from deepserve.errors import InvalidInput
 from deepserve.repository import Manifest, TensorSpec
 from deepserve.statistics import NO_TIMING, Timing
@@ -85,6 +85,25 @@ class Runtime:
         """Outputs as served: the graph's, plus any the kind adds (see :meth:`postprocess`)."""
         return list(self.manifest.outputs)
 
+    def check_tensor(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        """One tensor's name, datatype and shape against the signature: what can be judged
+        before its data is read (the Open Inference Protocol path calls it before decoding).
+
+        Raises:
+            InvalidInput: naming the input and what was expected.
+        """
+        spec = self.inputs.get(name)
+        if spec is None:
+            raise InvalidInput(f"model '{self.name}' has no input '{name}'; it expects {list(self.inputs)}")
+        if datatype != spec.datatype:
+            raise InvalidInput(f"input '{name}': expected datatype {spec.datatype}, got {datatype}")
+        if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)):
+            raise InvalidInput(f"input '{name}': expected shape {spec.shape} (-1 = any), got {list(shape)}")
+        if shape[0] == 0:
+            raise InvalidInput(f"input '{name}': empty batch; send at least one row")
+        if shape[0] > self.max_rows:
+            raise InvalidInput(f"input '{name}': batch of {shape[0]} rows exceeds the limit of {self.max_rows}")
+
     def validate(self, inputs: dict[str, np.ndarray]) -> int:
         """Check a request's tensors against the signature; return its batch size.
 
@@ -101,26 +120,12 @@ class Runtime:
                 + (f"unknown {unknown}" if unknown else "")
             )
         batch = None
-        for name, spec in self.inputs.items():
+        for name in self.inputs:
             array = inputs[name]
-            want = DATATYPE_TO_NUMPY[spec.datatype]
-            if array.dtype != want:
-                got = next((k for k, v in DATATYPE_TO_NUMPY.items() if v == array.dtype), str(array.dtype))
-                raise InvalidInput(f"input '{name}': expected datatype {spec.datatype}, got {got}")
-            shape = list(array.shape)
-            if len(shape) != len(spec.shape) or any(
-                want_dim not in (-1, got_dim) for want_dim, got_dim in zip(spec.shape, shape)
-            ):
-                raise InvalidInput(f"input '{name}': expected shape {spec.shape} (-1 = any), got {shape}")
-            if shape[0] == 0:
-                raise InvalidInput(f"input '{name}': empty batch; send at least one row")
-            if shape[0] > self.max_rows:
-                raise InvalidInput(
-                    f"input '{name}': batch of {shape[0]} rows exceeds the limit of {self.max_rows}"
-                )
-            if batch is not None and shape[0] != batch:
-                raise InvalidInput(f"input '{name}': batch size {shape[0]} differs from the other inputs' {batch}")
-            batch = shape[0]
+            self.check_tensor(name, numpy_to_datatype(array.dtype), array.shape)
+            if batch is not None and array.shape[0] != batch:
+                raise InvalidInput(f"input '{name}': batch size {array.shape[0]} differs from the other inputs' {batch}")
+            batch = array.shape[0]
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise InvalidInput(f"input '{name}': contains NaN or infinite values")
         return int(batch or 0)

@@ -246,8 +246,16 @@ MALFORMED = {
         r"1 bytes after its 1 elements",
     ),
     "BYTES shape larger than the buffer can hold": (
-        lambda: codec.decode_input(_tensor("pixels", "BYTES", [10**12]), b"\x00" * 8),
-        r"expected at least 4000000000000",
+        lambda: codec.decode_input(_tensor("pixels", "BYTES", [10**6]), b"\x00" * 8),
+        r"expected at least 4000000",
+    ),
+    "a dimension numpy cannot hold, of an empty tensor": (
+        lambda: codec.decode_input(_tensor("pixels", "FP32", [0, 2**62]), b""),
+        r"shape \[0, 4611686018427387904\] has a dimension over 2147483647",
+    ),
+    "too many dimensions": (
+        lambda: codec.decode_input(_tensor("pixels", "FP32", [1] * 65), b"\x00" * 4),
+        r"shape has 65 dimensions; expected at most 16",
     ),
     "FP16 in typed contents": (
         lambda: codec.decode_input(_tensor("pixels", "FP16", [1], "fp32_contents", [1.0]), None),

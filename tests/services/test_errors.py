@@ -86,7 +86,7 @@ OIP_CASES = {
     "wrong datatype": (dict(array=np.zeros((2, 30), np.float64), datatype="FP64"), INVALID,
                        ("'transactions'", "FP32", "FP64")),
     "wrong shape": (dict(array=np.zeros((2, 29), np.float32)), INVALID, ("'transactions'", "[-1, 30]")),
-    "wrong input name": (dict(name="rows"), INVALID, ("missing ['transactions']", "unknown ['rows']")),
+    "wrong input name": (dict(name="rows"), INVALID, ("no input 'rows'", "expects ['transactions']")),
     "byte length": (dict(raw=b"\0" * 239), INVALID, ("'transactions'", "240")),
     "NaN": (dict(array=np.full((2, 30), np.nan, np.float32)), INVALID, ("'transactions'", "NaN")),
     "Inf": (dict(array=np.full((1, 30), np.inf, np.float32)), INVALID, ("'transactions'", "infinite")),
@@ -208,3 +208,14 @@ def test_still_healthy_and_nothing_restarted(before, server, oip_stub):
     status = _gateway_status()
     assert (status["pid"], status["models"]["digit-classifier-robust"]["pid"]) == before
     assert oip_stub.ModelInfer(_request(), timeout=10).model_name == "fraud-autoencoder"
+
+
+def test_a_bytes_flood_is_refused_from_its_header(client):
+    """A million-element BYTES tensor for an FP32 input is refused by the model's signature
+    from its header: had its data been decoded first, the malformed buffer would have been
+    the complaint (too short for a million length prefixes)."""
+    request = oip.ModelInferRequest(model_name="fraud-autoencoder")
+    request.inputs.add(name="transactions", datatype="BYTES", shape=[1_000_000])
+    request.raw_input_contents.append(b"\xff\xff\xff\xff")
+    details = _fails(client.inference.ModelInfer, request, INVALID, "'transactions'", "expected datatype FP32")
+    assert "BYTES" in details and "length prefix" not in details and "at least" not in details
