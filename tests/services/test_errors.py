@@ -219,3 +219,145 @@ def test_a_bytes_flood_is_refused_from_its_header(client):
     request.raw_input_contents.append(b"\xff\xff\xff\xff")
     details = _fails(client.inference.ModelInfer, request, INVALID, "'transactions'", "expected datatype FP32")
     assert "BYTES" in details and "length prefix" not in details and "at least" not in details
+
+
+# ---------------------------------------------------------------------------- request bytes that do not parse
+
+
+TRUNCATED = b"\x0a\x10abc"  # field 1, a string of 16 bytes; three follow
+BAD_UTF8 = b"\x0a\x03a\xffb"  # field 1, a string that is not UTF-8
+
+MALFORMED = {  # method path -> the message type it takes; every service the gateway serves
+    "/inference.GRPCInferenceService/ModelInfer": "inference.ModelInferRequest",
+    "/inference.GRPCInferenceService/ModelReady": "inference.ModelReadyRequest",
+    "/deepserve.v1.FraudScoring/Score": "deepserve.v1.ScoreRequest",
+    "/deepserve.v1.Classifier/Classify": "deepserve.v1.ClassifyRequest",
+    "/deepserve.v1.Recommender/Recommend": "deepserve.v1.RecommendRequest",
+    "/deepserve.v1.Models/ListModels": "deepserve.v1.ListModelsRequest",
+    "/grpc.health.v1.Health/Check": "grpc.health.v1.HealthCheckRequest",
+}
+
+
+@pytest.mark.parametrize("body", [TRUNCATED, BAD_UTF8], ids=["truncated", "bad-utf8"])
+@pytest.mark.parametrize("method", list(MALFORMED))
+def test_bytes_that_are_not_the_message_are_invalid_argument(before, channel, method, body):
+    """Fuzz run, issue 12: they were UNKNOWN with protobuf's DecodeError text. ListModelsRequest
+    has no field 1: a string there is an unknown field, skipped, unless it does not parse."""
+    if method.endswith("ListModels") and body == BAD_UTF8:
+        body = b"\x0a\x10abc"
+    details = _fails(channel.unary_unary(method), body, INVALID)
+    assert details == f"the request is not a valid {MALFORMED[method]} message"
+
+
+def test_malformed_bytes_in_streams_are_invalid_argument(before, channel):
+    """Server streaming (GenerateStream) and bidirectional streaming (reflection) too."""
+    with pytest.raises(grpc.RpcError) as refused:
+        list(channel.unary_stream("/deepserve.v1.Generator/GenerateStream")(TRUNCATED, timeout=10))
+    assert refused.value.code() == INVALID
+    assert refused.value.details() == "the request is not a valid deepserve.v1.GenerateRequest message"
+    reflect = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    with pytest.raises(grpc.RpcError) as refused:
+        list(reflect(iter([b"\x3a\x00", TRUNCATED]), timeout=10))  # list_services, then garbage
+    assert refused.value.code() == INVALID
+    assert "grpc.reflection.v1alpha.ServerReflectionRequest" in refused.value.details()
+
+
+# ---------------------------------------------------------------------------- echoes of the request, bounded
+
+
+LONG = "x" * 100_000
+
+ECHO_CASES = {  # where a client's string comes back in a message: each is cut to 100 characters
+    "model name": (lambda stub: stub.ModelInfer, _request(model=LONG), NOT_FOUND),
+    "model version": (lambda stub: stub.ModelInfer, _request(version=LONG), NOT_FOUND),
+    "input name": (lambda stub: stub.ModelInfer, _request(name=LONG), INVALID),
+    "parameter key": (lambda stub: stub.ModelInfer, _request(parameters={LONG: 1.0}), INVALID),
+    "parameter value": (lambda stub: stub.ModelInfer, _request(parameters={"threshold": LONG}), INVALID),
+    "output name": (lambda stub: stub.ModelInfer, _request(outputs=(LONG,)), INVALID),
+    "repository name": (lambda stub: stub.RepositoryIndex, oip.RepositoryIndexRequest(repository_name=LONG),
+                        NOT_FOUND),
+    "model metadata": (lambda stub: stub.ModelMetadata, oip.ModelMetadataRequest(name=LONG), NOT_FOUND),
+}
+
+
+@pytest.mark.parametrize("case", list(ECHO_CASES))
+def test_echoed_client_strings_are_clipped(before, oip_stub, case):
+    """Fuzz run: a 100 KB name came back whole, past the client's 16 KiB metadata limit (the
+    client then saw RESOURCE_EXHAUSTED instead of the answer)."""
+    call, request, code = ECHO_CASES[case]
+    details = _fails(call(oip_stub), request, code, "x" * 100 + "…", "(100")
+    assert "x" * 101 not in details and len(details) <= 1100, len(details)
+
+
+def test_a_long_datatype_and_sampler_are_clipped(before, oip_stub, channel):
+    details = _fails(oip_stub.ModelInfer, _request(datatype="F" * 4096), INVALID, "F" * 100 + "… (4096 characters)")
+    assert "F" * 101 not in details
+    generate = v1_grpc.GeneratorStub(channel).Generate
+    details = _fails(generate, v1.GenerateRequest(sampler="s" * 10_000, steps=2), INVALID, "… (1000")
+    assert "s" * 101 not in details
+
+
+def test_messages_are_bounded_where_they_become_statuses():
+    """errors.to_status: whichever layer built the message."""
+    from deepserve.errors import MESSAGE_CHARS, InvalidInput, ModelNotFound, bounded, clip, to_status
+
+    assert clip("abc") == "abc" and clip("a" * 150) == "a" * 100 + "… (150 characters)"
+    code, message = to_status(ModelNotFound(f"model '{'m' * 5000}' is not served"))
+    assert code == NOT_FOUND and message == f"model '{'m' * 100}… (5000 characters)' is not served"
+    keys = sorted(f"key{i}" for i in range(10_000))  # many short words: the whole message is cut
+    long = f"unknown parameters {keys}"
+    message = to_status(InvalidInput(long))[1]
+    assert len(message) <= MESSAGE_CHARS + 30 and message.endswith(f"… ({len(long)} characters)")
+    assert bounded("bad\x00name\n\udcff") == "bad\\x00name\\n\\udcff"  # control characters, a lone surrogate
+    bounded("\udcff" * 1_000_000).encode("utf-8")  # always encodable
+    assert bounded("input 'transactions': expected datatype FP32, got FP64") == \
+        "input 'transactions': expected datatype FP32, got FP64"
+
+
+# ---------------------------------------------------------------------------- behind the token check
+
+
+def test_malformed_bytes_with_tokens_are_parsed_only_once_authorized(tmp_path):
+    """The token check comes first: a caller without a token gets UNAUTHENTICATED whatever its
+    bytes (they are never parsed); an authorized one gets INVALID_ARGUMENT for bad bytes. The
+    real GrpcServer, over a stub dataplane, in this process."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from deepserve.grpc_server import GrpcServer
+    from deepserve.security import ServerSecurity
+    from deepserve.settings import Settings
+
+    token = "0123456789abcdef" * 2
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} inference,metadata,models\n")
+    dataplane = SimpleNamespace(models={}, live=lambda: True, ready=lambda: True, labels=lambda name: ("", ""))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> GrpcServer:
+        server = GrpcServer(dataplane, "127.0.0.1", 0, 1 << 20, "test-node",
+                            security=ServerSecurity.from_settings(Settings(auth_tokens_file=str(tokens))))
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            live = ch.unary_unary("/inference.GRPCInferenceService/ServerLive")
+            _fails(infer, TRUNCATED, grpc.StatusCode.UNAUTHENTICATED)
+            with pytest.raises(grpc.RpcError) as refused:
+                infer(TRUNCATED, timeout=10, metadata=[("authorization", f"Bearer {token}")])
+            assert refused.value.code() == INVALID
+            assert refused.value.details() == "the request is not a valid inference.ModelInferRequest message"
+            assert oip.ServerLiveResponse.FromString(
+                live(b"", timeout=10, metadata=[("authorization", f"Bearer {token}")])).live
+            _fails(ch.unary_unary("/grpc.health.v1.Health/Check"), TRUNCATED, INVALID)  # open: no token needed
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
