@@ -7,8 +7,9 @@ Each model has a placement (see docs/architecture.md):
   reached through a Serve handle: independent replicas, autoscaling and GPU fractions,
   for models whose compute dwarfs the ~4 ms the handle hop costs.
 
-Either way Serve owns every replica: it starts them, health-checks them, restarts them
-and scales them. Serve's own gRPC proxy is not used: clients talk to the gateway.
+Either way Serve owns every replica: it starts them, health-checks them (a one-row
+inference, not a look at the session object), restarts them and scales them; a replica it
+stops drains first (``drain_grace_s``). Serve's own gRPC proxy is not used: clients talk to the gateway.
 Replicas load the verified ONNX file and warm the session up before they report ready;
 both placements batch concurrent requests with :class:`~deepserve.batching.BatchingBackend`,
 or step by step with :class:`~deepserve.generation.StepBatcher` for generators.
@@ -28,26 +29,37 @@ from typing import Any
 
 import numpy as np
 import ray
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import LoggingConfig
 from ray.exceptions import (
+    ActorPlacementGroupRemoved,
+    ActorUnschedulableError,
+    LocalRayletDiedError,
     NodeDiedError,
     ObjectLostError,
+    ObjectStoreFullError,
+    OutOfDiskError,
+    OutOfMemoryError,
     RayActorError,
     RaySystemError,
     RayTaskError,
     WorkerCrashedError,
 )
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RpcError as RayRpcError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from deepserve import metrics
+from deepserve.admission import Admission
 from deepserve.batching import BatchingBackend, BatchingConfig
+from deepserve.config import describe, model_options
 from deepserve.dataplane import DataPlane, ServedModel
 from deepserve.errors import DeadlineExceeded, DeepServeError, ModelNotReady, Overloaded
 from deepserve.grpc_server import GrpcServer
 from deepserve.repository import ModelRepository
 from deepserve.generation import StepBatcher
 from deepserve.runtime import GenerationRequest, GenerationResult, GenerativeRuntime, runtime_for
+from deepserve.security import ServerSecurity
 from deepserve.settings import Settings
 from deepserve.statistics import Timing
 
@@ -68,9 +80,10 @@ def _backend_for(runtime, batching: dict[str, Any]):
     return BatchingBackend(runtime, config)
 
 
-def _load_runtime(repository: str, name: str, entry: dict[str, Any], max_rows: int, placement: str):
-    model, data = ModelRepository(repository).load(name, entry["version"])  # sha256-verified bytes
-    runtime = runtime_for(model.manifest, max_rows)
+def _load_runtime(repository: str, name: str, entry: dict[str, Any], max_rows: int, placement: str,
+                  max_image_side: int = 0):
+    model, data = ModelRepository(repository).load(name, entry["version"], pinned=entry["sha256"])  # verified bytes
+    runtime = runtime_for(model.manifest, max_rows, max_image_side)
     runtime.load(data, entry["intra_op_threads"])  # session + warm-up: ready means ready
     metrics.get().loaded(name, entry["version"], runtime.kind, placement, runtime.provider, runtime.load_seconds)
     return runtime
@@ -88,36 +101,47 @@ class ModelReplica:
 
     For models placed ``deployment``: heavy or GPU models that need their own scaling.
     Concurrent calls are batched by the same :class:`BatchingBackend` the gateway uses.
+
+    Every call carries the request's deadline (wall-clock seconds, ``time.time()``), and the
+    replica keeps it itself: time spent in Serve's queue counts, and a request whose deadline
+    passes here is dropped here, whether or not the gateway's cancel ever arrives.
     """
 
-    async def __init__(self, repository: str, name: str, entry: dict[str, Any], max_rows: int):
+    async def __init__(self, repository: str, name: str, entry: dict[str, Any], max_rows: int,
+                       probe_timeout_s: float = 10.0):
         self.runtime = _load_runtime(repository, name, entry, max_rows, "deployment")
         self.backend = _backend_for(self.runtime, entry["batching"])
+        self.probe_timeout_s = probe_timeout_s
         self.pid = os.getpid()
         self.gauges = asyncio.get_running_loop().create_task(_refresh_gauges(f"replica:{name}"))
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Timing]:
-        # The gateway enforces the client's deadline; this bound only stops runaway work.
-        return await self.backend.infer(inputs, timeout=300.0)
+    async def infer(self, inputs: dict[str, np.ndarray], deadline: float) -> tuple[dict[str, np.ndarray], Timing]:
+        return await self.backend.infer(inputs, timeout=deadline - time.time())
 
-    async def generate(self, request: GenerationRequest):
+    async def generate(self, request: GenerationRequest, deadline: float):
         """Generators: streams progress, then the result (the gateway calls it with
         ``stream=True``; cancelling that call ends this generator, and the job with it)."""
-        async for event in self.backend.generate(request, timeout=300.0):
+        async for event in self.backend.generate(request, timeout=deadline - time.time()):
             yield event
 
-    async def generate_result(self, request: GenerationRequest) -> GenerationResult:
+    async def generate_result(self, request: GenerationRequest, deadline: float) -> GenerationResult:
         """Generators, without progress: only the result crosses back (one plain call)."""
-        async for event in self.backend.generate(request, timeout=300.0):
+        async for event in self.backend.generate(request, timeout=deadline - time.time()):
             result = event
         return result
 
     async def info(self) -> dict[str, Any]:
         return {**await self.backend.info(), "pid": self.pid}
 
-    def check_health(self) -> None:
-        if self.runtime.session is None:
-            raise RuntimeError(f"{self.runtime.name}: no ONNX Runtime session")
+    async def check(self, timeout: float) -> dict[str, Any]:
+        """The gateway's readiness probe: a one-row inference, then :meth:`info`."""
+        return {**await self.backend.check(timeout), "pid": self.pid}
+
+    async def check_health(self) -> None:
+        """Serve's health check (every ``health_check_period_s``): a one-row inference
+        through the session's worker thread, so a session that cannot compute, or is stuck
+        in a run, fails it and Serve replaces the replica."""
+        await self.backend.check(self.probe_timeout_s)
 
 
 async def _refresh_gauges(component: str, period_s: float = 1.0) -> None:
@@ -127,9 +151,19 @@ async def _refresh_gauges(component: str, period_s: float = 1.0) -> None:
         await asyncio.sleep(period_s)
 
 
-# Ray errors that mean "the replica, its node or its objects went away", not "the request
-# is wrong": the caller may retry, here or elsewhere.
-REPLICA_LOST = (RayActorError, ObjectLostError, NodeDiedError, WorkerCrashedError, RaySystemError)
+# Ray's and Serve's errors that mean "the cluster could not carry the call out", not "the
+# request is wrong": the replica, its worker, node or raylet went away, its objects were lost
+# (their owner died, too), Ray's own RPCs or object store failed, or no replica can be placed.
+# They are UNAVAILABLE (ModelNotReady): the caller may retry, here or elsewhere.
+REPLICA_LOST = (
+    RayActorError,  # ActorDiedError, ActorUnavailableError
+    ObjectLostError,  # OwnerDiedError, ObjectFetchTimedOutError, ObjectFreedError, ObjectReconstructionFailedError
+    NodeDiedError, WorkerCrashedError, LocalRayletDiedError,
+    OutOfMemoryError,  # Ray's memory monitor killed the replica's worker
+    RaySystemError, RayRpcError, ObjectStoreFullError, OutOfDiskError,
+    ActorUnschedulableError, ActorPlacementGroupRemoved,
+    DeploymentUnavailableError, ReplicaUnavailableError,
+)
 
 
 class RayBackend:
@@ -182,7 +216,8 @@ class RayBackend:
                 raise ModelNotReady(f"model '{self.name}': the replica went away; retry shortly") from None
             log.error("model %s replica failed: %s", self.name, exc)
             raise RuntimeError(f"model '{self.name}' replica failed") from None
-        except (*REPLICA_LOST, DeploymentUnavailableError):
+        except REPLICA_LOST as exc:
+            log.warning("model %s: %s", self.name, type(exc).__name__)
             raise ModelNotReady(f"model '{self.name}': the replica went away; retry shortly") from None
 
     async def generate(self, request: GenerationRequest, timeout: float):
@@ -192,9 +227,9 @@ class RayBackend:
         calls cost ~20 ms more per request here (docs/benchmarks.md).
         """
         if not request.progress:
-            yield await self._call("generate_result", timeout, request)
+            yield await self._call("generate_result", timeout, request, time.time() + timeout)
             return
-        stream = self.handle.options(stream=True).generate.remote(request)
+        stream = self.handle.options(stream=True).generate.remote(request, time.time() + timeout)
         deadline = time.monotonic() + timeout
         finished = False
         try:
@@ -213,10 +248,15 @@ class RayBackend:
                 stream.cancel()
 
     async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> tuple[dict[str, np.ndarray], Timing]:
-        return await self._call("infer", timeout, inputs)
+        # The deadline travels with the call, as wall-clock time: the replica drops the request
+        # itself when it passes, however long Serve's queue held it.
+        return await self._call("infer", timeout, inputs, time.time() + timeout)
 
     async def info(self, timeout: float) -> dict[str, Any]:
         return await self._call("info", timeout)
+
+    async def check(self, timeout: float) -> dict[str, Any]:
+        return await self._call("check", timeout, timeout)
 
 
 async def _await(response):
@@ -238,27 +278,40 @@ class Gateway:
 
     async def __init__(self, repository: str, plan: dict[str, dict[str, Any]], handles: dict[str, Any],
                      options: dict[str, Any]):
+        from deepserve.memory import tune_allocator  # first: before the gRPC threads allocate
+        tune_allocator()
         settings = Settings(**options)
+        security = ServerSecurity.from_settings(settings)  # a missing certificate or tokens file fails now
         repo = ModelRepository(repository)
         served = []
         for name, entry in plan.items():
             if entry["placement"] == "gateway":
-                runtime = _load_runtime(repository, name, entry, settings.max_rows_per_request, "gateway")
+                runtime = _load_runtime(repository, name, entry, settings.max_rows_per_request, "gateway",
+                                        settings.max_image_side)
                 backend = _backend_for(runtime, entry["batching"])
             else:
-                runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request)
+                runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request,
+                                      settings.max_image_side)
                 backend = RayBackend(name, handles[name])
             served.append(ServedModel(runtime=runtime, backend=backend, placement=entry["placement"],
                                       batching=BatchingConfig.from_dict(entry["batching"])))
         self.plan = plan
         index = {name: repo.versions(name) for name in repo.model_names()}  # RepositoryIndex
-        self.dataplane = DataPlane(served, settings.default_timeout_s, index, self._replica_counts)
+        self.dataplane = DataPlane(served, settings.default_timeout_s, index, self._replica_counts,
+                                   Admission(settings.max_rows_in_flight, settings.max_loop_lag_s))
+        self.dataplane.admission.start()
         self._last_report = (time.monotonic(), 0)
         self.poll_s = settings.readiness_poll_s
-        await self.dataplane.refresh()
+        self.probe_timeout_s = settings.probe_timeout_s
+        self.drain_s = drain_seconds(settings)
+        # Replicas that are still starting are not waited for: the poll picks them up.
+        await self.dataplane.refresh(min(self.probe_timeout_s, 2.0))
         self.node = settings.node_name or ray.util.get_node_ip_address()
         self.server = GrpcServer(self.dataplane, settings.grpc_host, settings.grpc_port, settings.max_message_bytes,
-                                 self.node, settings.max_connection_age_s, settings.connection_age_grace_s)
+                                 self.node, settings.max_connection_age_s, settings.connection_age_grace_s,
+                                 security=security, reflection=settings.reflection,
+                                 health_port=settings.health_port,
+                                 max_concurrent_rpcs=settings.max_concurrent_rpcs)
         await self.server.start()
         self.poller = asyncio.get_running_loop().create_task(self._poll())
 
@@ -278,7 +331,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                await self.dataplane.refresh()
+                await self.dataplane.refresh(self.probe_timeout_s)
                 await self.server.publish_health()
                 self.dataplane.publish_gauges()
                 metrics.get().refresh("gateway")
@@ -299,24 +352,47 @@ class Gateway:
         return {"requests_per_s": rate, "in_flight": float(self.dataplane.in_flight)}
 
     async def status(self) -> dict[str, Any]:
-        """Readiness and each model's replica report (batch statistics included)."""
-        return {
-            "port": self.server.port,
-            "node": self.node,
-            "pid": os.getpid(),
-            "ready": self.dataplane.ready(),
-            "models": {n: {"ready": m.ready, "version": m.runtime.version, "kind": m.runtime.kind, **m.replica_info}
-                       for n, m in self.dataplane.models.items()},
-        }
+        """Readiness and each model's replica report (batch statistics, deadlines dropped and
+        health probes included): live for models computed here, as of the last readiness poll
+        for the others. ``requests_in_flight`` counts this gateway's calls to the model."""
+        models = {}
+        for name, m in self.dataplane.models.items():
+            report = await m.backend.info(0.0) if m.placement == "gateway" else m.replica_info
+            models[name] = {"ready": m.ready, "version": m.runtime.version, "kind": m.runtime.kind,
+                            "requests_in_flight": m.in_flight, **report}
+        return {"port": self.server.port, "node": self.node, "pid": os.getpid(), "ready": self.dataplane.ready(),
+                "models": models}
 
     async def __del__(self):
-        await self.server.stop()
+        """Serve stops this replica (scale-down, a redeploy, shutdown): drain it.
+
+        The gRPC server stops taking calls (new ones get UNAVAILABLE, and grpc.health.v1 says
+        NOT_SERVING, on ``health_port`` too while the main port drains) and the calls in
+        flight finish, for up to ``drain_grace_s``; what is left then is cancelled. Serve
+        allows the replica that long (``graceful_shutdown_timeout_s``, see :func:`build_app`).
+        """
+        server = getattr(self, "server", None)
+        if server is None:  # the constructor failed: nothing to drain
+            return
+        started = time.monotonic()
+        log.warning("gateway stopping: draining %d inference call(s) for up to %g s",
+                    self.dataplane.in_flight, self.drain_s)
+        await server.stop(self.drain_s)
+        self.poller.cancel()
+        log.warning("gateway drained in %.1f s", time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------- application builder
 
 
-PLACEMENTS = ("gateway", "deployment")
+# Serve's budget for stopping a replica, beyond the drain itself: its wait for requests
+# routed by Serve (graceful_shutdown_wait_loop_s, 2 s) and the shutdown of its servers.
+STOP_MARGIN_S = 5.0
+
+
+def drain_seconds(settings: Settings) -> float:
+    """How long a stopping replica lets requests in flight finish (``drain_grace_s``)."""
+    return settings.default_timeout_s if settings.drain_grace_s is None else settings.drain_grace_s
 
 
 def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None):
@@ -341,32 +417,28 @@ def build_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = N
         models = {name: {} for name in models}
     if not models:
         raise ValueError(f"no models in {repository}: run `deepserve build` first")
-    options = Settings(**args)
+    try:
+        options = Settings(**args)
+    except ValidationError as exc:
+        raise ValueError("invalid Serve config: " + "; ".join(describe(e, "args") for e in exc.errors())) from None
 
     plan: dict[str, dict[str, Any]] = {}
-    for name, entry in models.items():
-        entry = dict(entry or {})
-        placement = entry.pop("placement", "gateway")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"model '{name}': placement must be one of {PLACEMENTS}, got '{placement}'")
-        batching = BatchingConfig.from_dict(entry.pop("batching", None))  # validate now, not in a replica
-        threads = entry.pop("intra_op_threads", 1)
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise ValueError(f"model '{name}': intra_op_threads must be a positive integer, got {threads!r}")
-        if entry:
-            raise ValueError(f"model '{name}': unknown option(s) {sorted(entry)}")
+    for name, chosen in model_options(models).items():
         version = repo.latest_version(name)
-        repo.get(name, version).read_model_bytes()  # fail at deploy time, with the file named
-        plan[name] = {"placement": placement, "version": version, "batching": vars(batching),
-                      "intra_op_threads": threads}
+        repo.load(name, version, pinned=chosen.sha256)  # fail at deploy time, with the file named
+        plan[name] = {"placement": chosen.placement, "version": version, "batching": chosen.batching.model_dump(),
+                      "intra_op_threads": chosen.intra_op_threads, "sha256": chosen.sha256}
 
     remote = [n for n, e in plan.items() if e["placement"] == "deployment"]
     unknown = set(overrides) - set(remote) - {"Gateway"}
     if unknown:
         raise ValueError(f"the config names deployments {sorted(unknown)}; deployable: {['Gateway', *remote]}")
+    # A replica that Serve stops (scale-down, redeploy, shutdown) gets as long as a request
+    # may last, so that none in flight is cut short; the Serve config may say otherwise.
+    stopping = {"graceful_shutdown_timeout_s": drain_seconds(options) + STOP_MARGIN_S}
     handles = {
-        name: ModelReplica.options(name=name, **overrides.get(name, {})).bind(
-            repository, name, plan[name], options.max_rows_per_request)
+        name: ModelReplica.options(name=name, **{**stopping, **overrides.get(name, {})}).bind(
+            repository, name, plan[name], options.max_rows_per_request, options.probe_timeout_s)
         for name in remote
     }
-    return Gateway.options(**overrides.get("Gateway", {})).bind(repository, plan, handles, args)
+    return Gateway.options(**{**stopping, **overrides.get("Gateway", {})}).bind(repository, plan, handles, args)

@@ -150,6 +150,16 @@ def _serve(args: argparse.Namespace) -> int:
         app_args["grpc_port"] = args.port
     elif "DEEPSERVE_GRPC_PORT" in os.environ:
         app_args["grpc_port"] = int(os.environ["DEEPSERVE_GRPC_PORT"])
+    # Security settings travel in the app's args, as paths: they reach the gateway replicas
+    # wherever they run (an environment variable set here would reach only local ones).
+    for option, setting in SERVE_SECURITY_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            app_args[setting] = str(value.resolve())
+    if args.reflection:
+        app_args["reflection"] = True
+    if args.health_port is not None:
+        app_args["health_port"] = args.health_port
     deployments = app_config.get("deployments") or []
     if args.models:  # a subset of the config's models, with their configured options
         configured = app_args.get("models") or {}
@@ -158,6 +168,15 @@ def _serve(args: argparse.Namespace) -> int:
     port = int(app_args.get("grpc_port", 9000))
     metrics_port = args.metrics_port or Settings().metrics_port
     app = build_app(app_args, deployments)
+    if not args.address:  # the gateway runs here: check its certificate and tokens files before starting Ray
+        from deepserve.security import SecurityConfigError, ServerSecurity
+
+        try:
+            ServerSecurity.from_settings(Settings(**{k: v for k, v in app_args.items()
+                                                     if k not in ("repository", "models")}))
+        except SecurityConfigError as exc:
+            print(f"deepserve serve: {exc}", file=sys.stderr)
+            return 2
     # The resources a gateway asks for (deepserve_gateway in the shipped config): the nodes
     # that offer them are the ones that serve.
     gateway = next((d for d in deployments if d["name"] == "Gateway"), {})
@@ -224,15 +243,24 @@ def _target(args: argparse.Namespace) -> str:
     return args.target or f"127.0.0.1:{os.environ.get('DEEPSERVE_GRPC_PORT', '9000')}"
 
 
+def _client(args: argparse.Namespace, **options):
+    """A DeepServeClient to the command's target, with its TLS and token options."""
+    from deepserve.client import DeepServeClient
+
+    try:
+        return DeepServeClient(_target(args), tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                               tls_key=args.tls_key, token=args.token or None, **options)
+    except (OSError, ValueError) as exc:  # a PEM file that cannot be read, a certificate without its key
+        raise SystemExit(f"deepserve {args.command}: {exc}") from None
+
+
 def _score(args: argparse.Namespace) -> int:
     import csv
-
-    from deepserve.client import DeepServeClient
 
     with open(args.csv, newline="") as f:
         reader = csv.DictReader(f)
         rows = [{k: float(v) for k, v in r.items() if k not in ("Class", "label", "")} for r in reader]
-    with DeepServeClient(_target(args)) as client:
+    with _client(args) as client:
         response = client.score(rows, model=args.model, threshold=args.threshold)
     print(f"{response.model} v{response.version}: {len(response.results)} transaction(s)")
     for i, r in enumerate(response.results):
@@ -243,8 +271,6 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from deepserve.client import DeepServeClient
-
     if args.digit is not None:  # an example from scikit-learn's bundled digits
         from sklearn.datasets import load_digits
 
@@ -257,7 +283,7 @@ def _classify(args: argparse.Namespace) -> int:
     if not images:
         print("deepserve classify: give PNG files or --digit N", file=sys.stderr)
         return 2
-    with DeepServeClient(_target(args)) as client:
+    with _client(args) as client:
         response = client.classify(images, top_k=args.top_k, model=args.model)
     for name, result in zip(names, response.results):
         top = ", ".join(f"{s.label} ({s.probability:.1%})" for s in result.top)
@@ -273,10 +299,8 @@ def _ascii(pixels, width: int) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from deepserve.client import DeepServeClient
-
     options = dict(model=args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler)
-    with DeepServeClient(_target(args), timeout=args.timeout) as client:
+    with _client(args, timeout=args.timeout) as client:
         result = None
         for event in client.generate_stream(label=args.label, count=args.count, seed=args.seed, **options):
             if event.HasField("progress"):
@@ -299,12 +323,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _recommend(args: argparse.Namespace) -> int:
-    from deepserve.client import DeepServeClient
-
     if args.user is None and not args.neighbors:
         print("deepserve recommend: give --user ID, or --neighbors ID... for a new user", file=sys.stderr)
         return 2
-    with DeepServeClient(_target(args)) as client:
+    with _client(args) as client:
         response = client.recommend(user=args.user, neighbors=args.neighbors or [], k=args.k,
                                     exclude_known=not args.include_known, model=args.model)
     who = f"user {args.user}" if args.user is not None else "a new user"
@@ -313,6 +335,25 @@ def _recommend(args: argparse.Namespace) -> int:
     for rank, r in enumerate(response.users, 1):
         print(f"  {rank:3d}. user {r.user:<8d} score {r.score:8.3f}")
     return 0
+
+
+# `deepserve serve` option -> the Settings field it sets (docs/security.md).
+SERVE_SECURITY_OPTIONS = {
+    "tls_cert": "tls_cert_file",
+    "tls_key": "tls_key_file",
+    "tls_client_ca": "tls_client_ca_file",
+    "auth_tokens_file": "auth_tokens_file",
+}
+
+
+def _connection_options(c: argparse.ArgumentParser) -> None:
+    """A client command's TLS and token options."""
+    c.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs (implied by --tls-ca)")
+    c.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the server's certificate (TLS)")
+    c.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
+    c.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key, for mutual TLS")
+    c.add_argument("--token", default=os.environ.get("DEEPSERVE_TOKEN"),
+                   help="bearer token (default $DEEPSERVE_TOKEN; prefer it: arguments show in the process list)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -352,12 +393,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus endpoint of the embedded cluster's node (default $DEEPSERVE_METRICS_PORT "
                         "or 8080); on a cluster: `ray start --metrics-export-port`")
+    s.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate: TLS on the gRPC port "
+                   "(with --tls-key; on a cluster the path must exist on every serving node)")
+    s.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key (unencrypted)")
+    s.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="CA of the client certificates: mutual TLS, clients without one are refused")
+    s.add_argument("--auth-tokens-file", type=Path, metavar="FILE",
+                   help="bearer tokens and their groups, one 'TOKEN GROUP[,GROUP...]' per line "
+                        "(docs/security.md); without it, no authentication")
+    s.add_argument("--reflection", action="store_true", help="serve gRPC server reflection (off by default)")
+    s.add_argument("--health-port", type=int, help="also serve grpc.health.v1 alone, in plaintext, on this port "
+                   "(for probes that cannot speak TLS)")
     s.set_defaults(func=_serve)
 
     for name, func, helptext in (("score", _score, "score a CSV of transactions (fraud-autoencoder)"),
                                  ("classify", _classify, "classify PNG images (digit-classifier)")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("--target", help="server address (default 127.0.0.1:$DEEPSERVE_GRPC_PORT or :9000)")
+        _connection_options(c)
         c.add_argument("--model", default="", help="model name (default: the API's default model)")
         if name == "score":
             c.add_argument("csv", type=Path, help="CSV with the model's columns (a Class column is ignored)")
@@ -370,6 +423,7 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate digit images (digit-diffusion, digit-dcgan), saved as PNGs")
     g.add_argument("--target", help="server address (default 127.0.0.1:$DEEPSERVE_GRPC_PORT or :9000)")
+    _connection_options(g)
     g.add_argument("--model", default="", help="generator (default digit-diffusion)")
     g.add_argument("--label", type=int, help="digit to generate (default: none)")
     g.add_argument("--count", type=int, default=1)
@@ -384,6 +438,7 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recommend", help="recommend users to a user (graph-recommender)")
     r.add_argument("--target", help="server address (default 127.0.0.1:$DEEPSERVE_GRPC_PORT or :9000)")
+    _connection_options(r)
     r.add_argument("--model", default="", help="recommender (default graph-recommender)")
     r.add_argument("--user", type=int, help="a user in the graph")
     r.add_argument("--neighbors", type=int, nargs="+", help="a new user's known neighbours (cold start)")

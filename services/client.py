@@ -13,11 +13,20 @@ gateways (``ipv4:10.0.0.1:9000,10.0.0.2:9000``) or a headless Service's DNS name
 
 For the Open Inference Protocol, use any Triton/KServe client (``tritonclient.grpc``);
 docs/deploy.md shows the same retry policy for tritonclient.
+
+A server with TLS and tokens (docs/security.md)::
+
+    DeepServeClient("deepserve:9000", tls_ca="ca.pem", token=os.environ["DEEPSERVE_TOKEN"])
+
+``tls_cert``/``tls_key`` add a client certificate (mutual TLS); ``tls=True`` alone trusts the
+system's CAs.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import time
 from collections.abc import Iterable, Sequence
 
@@ -63,14 +72,103 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(target: str) -> grpc.Channel:
-    """A channel to ``target`` with DeepServe's load balancing, retries and keepalive."""
-    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+def channel_options(wait_for_ready: bool = False) -> list[tuple[str, object]]:
+    """:data:`CHANNEL_OPTIONS`; with ``wait_for_ready``, the service config also makes every
+    call wait for a connection, until its deadline, instead of failing at once with UNAVAILABLE
+    while no gateway answers (a gateway restarting takes seconds: docs/reliability.md)."""
+    if not wait_for_ready:
+        return CHANNEL_OPTIONS
+    config = {**SERVICE_CONFIG, "methodConfig": [{**SERVICE_CONFIG["methodConfig"][0], "waitForReady": True}]}
+    return [("grpc.service_config", json.dumps(config)), *CHANNEL_OPTIONS[1:]]
+
+
+PathOrPem = str | os.PathLike | bytes  # a PEM file's path, or its bytes
+
+
+def _pem(value: PathOrPem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(tls_ca: PathOrPem | None = None, tls_cert: PathOrPem | None = None,
+                        tls_key: PathOrPem | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials: the CA that signed the server's certificate (None: the system's CAs),
+    and for mutual TLS the client's certificate and key (both or neither)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (mutual TLS): give both or neither")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca), private_key=_pem(tls_key),
+                                        certificate_chain=_pem(tls_cert))
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata. An interceptor rather
+    than call credentials: gRPC refuses those on a plaintext channel, and a channel may be
+    plaintext up to a TLS-terminating proxy or sidecar."""
+
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self.header],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_token(details), request_iterator)
+
+
+def open_channel(target: str, *, tls: bool = False, tls_ca: PathOrPem | None = None,
+                 tls_cert: PathOrPem | None = None, tls_key: PathOrPem | None = None,
+                 token: str | None = None, wait_for_ready: bool = False) -> grpc.Channel:
+    """A channel to ``target`` with DeepServe's load balancing, retries and keepalive.
+
+    Args:
+        target: any gRPC target (``host:port``, ``ipv4:A:9000,B:9000``, ``dns:///name:9000``).
+        tls: TLS, trusting the system's CAs unless ``tls_ca`` is given. Any of ``tls_ca``,
+            ``tls_cert`` and ``tls_key`` implies TLS; without them the channel is plaintext.
+        tls_ca: the CA that signed the server's certificate (a PEM path, or PEM bytes).
+        tls_cert, tls_key: the client's certificate and key, for a server that asks for mutual TLS.
+        token: a bearer token, sent with every call (``authorization: Bearer <token>``).
+        wait_for_ready: calls wait for a connection until their deadline rather than fail at
+            once while no gateway answers: they ride out a gateway's restart. Off by default:
+            a wrong address or certificate then ends in DEADLINE_EXCEEDED, not UNAVAILABLE.
+    """
+    options = channel_options(wait_for_ready)
+    if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
+        channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if token:
+        channel = grpc.intercept_channel(channel, _BearerToken(token))
+    return channel
 
 
 class DeepServeClient:
-    def __init__(self, target: str = "127.0.0.1:9000", timeout: float = 10.0):
-        self.channel = open_channel(target)
+    """The typed API's calls on one channel (:func:`open_channel`: its TLS, token and
+    ``wait_for_ready`` arguments are this constructor's keyword arguments)."""
+
+    def __init__(self, target: str = "127.0.0.1:9000", timeout: float = 10.0, *, tls: bool = False,
+                 tls_ca: PathOrPem | None = None, tls_cert: PathOrPem | None = None,
+                 tls_key: PathOrPem | None = None, token: str | None = None, wait_for_ready: bool = False):
+        self.channel = open_channel(target, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token,
+                                    wait_for_ready=wait_for_ready)
         self.timeout = timeout
         self.fraud = v1_grpc.FraudScoringStub(self.channel)
         self.classifier = v1_grpc.ClassifierStub(self.channel)
@@ -93,14 +191,17 @@ class DeepServeClient:
 
         Raises:
             TimeoutError: not ready within ``timeout`` seconds.
+            grpc.RpcError: UNAUTHENTICATED or PERMISSION_DENIED (waiting would not help; the
+                call needs a token of the ``metadata`` group).
         """
         deadline = time.monotonic() + timeout
         while True:
             try:
                 if self.inference.ServerReady(oip.ServerReadyRequest(), timeout=2.0).ready:
                     return
-            except grpc.RpcError:
-                pass
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise
             if time.monotonic() > deadline:
                 raise TimeoutError(f"DeepServe not ready after {timeout:.0f} s")
             time.sleep(0.2)

@@ -17,8 +17,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 import numpy as np
 
 from deepserve import __version__, metrics
+from deepserve.admission import Admission
 from deepserve.batching import BatchingConfig
-from deepserve.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady
+from deepserve.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, Overloaded
+from deepserve.images import Offloaded
 from deepserve.runtime import (
     AnomalyResult,
     AnomalyRuntime,
@@ -47,6 +49,10 @@ class Backend(Protocol):
     async def info(self, timeout: float) -> dict[str, Any]:
         """A replica's report: at least ``provider`` and ``load_seconds``."""
 
+    async def check(self, timeout: float) -> dict[str, Any]:
+        """A replica's health probe (a one-row inference), then its report; raises if the
+        probe fails or takes longer than ``timeout``."""
+
     def generate(self, request, timeout: float) -> AsyncIterator[GenerationProgress | GenerationResult]:
         """Generators only: progress per step, then the result."""
 
@@ -72,7 +78,8 @@ class DataPlane:
 
     def __init__(self, models: list[ServedModel], default_timeout_s: float = 30.0,
                  repository: dict[str, list[str]] | None = None,
-                 replica_counts: Callable[[], Awaitable[dict[str, int]]] | None = None):
+                 replica_counts: Callable[[], Awaitable[dict[str, int]]] | None = None,
+                 admission: Admission | None = None):
         """
         Args:
             models: the served models.
@@ -81,6 +88,7 @@ class DataPlane:
                 (``RepositoryIndex``); default: the served ones.
             replica_counts: how many replicas compute each model now (``ModelConfig``'s
                 instance groups); default: one each.
+            admission: the bounds on what is in flight (:mod:`deepserve.admission`).
         """
         self.models = {m.runtime.name: m for m in models}
         self.default_timeout_s = default_timeout_s
@@ -89,6 +97,8 @@ class DataPlane:
         self.requests_total = 0  # inference requests that reached a model (for autoscaling)
         self.metrics = metrics.get()
         self.statistics = Statistics()
+        self.offload = Offloaded()  # PNG decoding and encoding, off the event loop
+        self.admission = admission or Admission()
 
     # ------------------------------------------------------------------ health
 
@@ -136,14 +146,34 @@ class DataPlane:
     # probe that Serve routed to a replica on a node just lost, while the others still serve.
     UNREADY_AFTER = 2
 
-    async def refresh(self, timeout: float = 2.0) -> None:
-        """Ask one replica of every model for its report; a model that answers is ready."""
+    async def refresh(self, timeout: float = 10.0) -> None:
+        """Probe one replica of every model: a one-row inference (:meth:`Backend.check`), not a
+        question whether it has a session. A model whose replica computes it within
+        ``timeout`` is ready, and its report is kept.
+
+        A model in its own deployment of which Serve runs no replica (every one lost, or
+        none started yet) is not ready at once, unprobed: a probe would only wait for a
+        replica, and the model's health would say SERVING while its calls wait too.
+        """
+        running: dict[str, int] = {}
+        if any(m.placement == "deployment" for m in self.models.values()):
+            try:
+                running = await asyncio.wait_for(self.replica_counts(), timeout)
+            except asyncio.TimeoutError:  # Serve's controller is slow: the probes alone decide
+                log.warning("replica counts: no answer from Serve within %g s", timeout)
 
         async def probe(model: ServedModel) -> None:
+            if model.placement == "deployment" and running.get(model.runtime.name, 1) == 0:
+                if model.ready:
+                    log.warning("model %s is not ready: Serve runs no replica of it", model.runtime.name)
+                model.ready, model.failed_probes = False, model.failed_probes + 1
+                return
             try:
-                model.replica_info = await model.backend.info(timeout)
+                model.replica_info = await model.backend.check(timeout)
                 model.ready, model.failed_probes = True, 0
-            except Exception as exc:  # any failure means "not ready now"
+            except Overloaded:  # its queue is full: busy serving, which is not broken
+                pass
+            except Exception as exc:  # any other failure means "not ready now"
                 model.failed_probes += 1
                 if model.ready and model.failed_probes >= self.UNREADY_AFTER:
                     log.warning("model %s is not ready: %s", model.runtime.name, exc)
@@ -170,12 +200,14 @@ class DataPlane:
         if not model.ready:
             raise ModelNotReady(f"model '{model.runtime.name}' has no ready replica yet; retry shortly")
         rows = model.runtime.validate(inputs)
+        self.admission.admit(model.runtime.name, model.in_flight, model.batching.max_queued, rows)
         self.requests_total += 1
         model.in_flight += 1
         try:
             outputs, timing = await model.backend.infer(inputs, self._timeout(remaining))
         finally:
             model.in_flight -= 1
+            self.admission.release(rows)
         self.statistics.of(model.runtime.name, model.runtime.version).computed(rows, timing)
         return outputs
 
@@ -219,7 +251,7 @@ class DataPlane:
         if isinstance(model.runtime, GenerativeRuntime):
             request = model.runtime.request_from_tensors(inputs, parameters or {})
             events = [e async for e in self._stream(model, request, remaining)]
-            outputs = model.runtime.encode(events[-1])  # progress, ..., the result
+            outputs = await self.offload.run(model.runtime.encode, events[-1])  # PNG encoding: off the loop
         else:
             graph_inputs = model.runtime.preprocess(inputs, parameters or {})
             outputs = model.runtime.postprocess(await self._run(model, graph_inputs, remaining), parameters or {})
@@ -274,11 +306,10 @@ class DataPlane:
         k = runtime.resolve_top_k(top_k)
         if not images:
             raise InvalidInput("images: empty batch; send at least one image")
-        decoded = [
-            runtime.image_from_png(i, data) if form == "png" else runtime.images_from_pixels(i, data)
-            for i, (form, data) in enumerate(images)
-        ]
-        batch = np.stack(decoded).astype(np.float32)  # (B, 1, H, W)
+        if any(form == "png" for form, _ in images):  # PNG decoding: off the event loop
+            batch = await self.offload.run(runtime.images_batch, images)  # (B, 1, H, W)
+        else:
+            batch = runtime.images_batch(images)
         outputs = await self._run(model, {runtime.manifest.inputs[0].name: batch}, remaining)
         self.metrics.classified(runtime.name, runtime.version, outputs["probabilities"])
         return model, runtime.top_k(outputs["probabilities"], k)
@@ -341,6 +372,8 @@ class DataPlane:
     async def _stream(self, model: ServedModel, request, remaining: float | None):
         if not model.ready:
             raise ModelNotReady(f"model '{model.runtime.name}' has no ready replica yet; retry shortly")
+        rows = len(request.labels)
+        self.admission.admit(model.runtime.name, model.in_flight, model.batching.max_queued, rows)
         self.requests_total += 1
         model.in_flight += 1
         try:
@@ -351,6 +384,7 @@ class DataPlane:
                 yield event
         finally:
             model.in_flight -= 1
+            self.admission.release(rows)
 
     def _observe_outputs(self, model: ServedModel, outputs: dict[str, np.ndarray]) -> None:
         """Model-output health for Open Inference Protocol calls, as for the typed APIs."""

@@ -6,8 +6,10 @@ next step of *all* of them in one ONNX Runtime run (in a worker thread), then ha
 job its slice of the outputs. A request that arrives while a step computes joins at the
 next step boundary (when it fits within ``max_batch_size`` rows; otherwise it waits for
 room). A job whose client went away (stream cancelled, deadline passed) is dropped at the
-next boundary; the others carry on. Requests may differ in step count, sampler, guidance
-and timestep: the network takes a timestep per row.
+next boundary; the others carry on, and a job dropped at its deadline is counted
+(``deepserve_deadline_exceeded``: ``queued`` if it never took a step, else ``computing``).
+Requests may differ in step count, sampler, guidance and timestep: the network takes a
+timestep per row.
 
 Each job draws its noise from its own seeded generators, so its images depend on its
 request only, not on the company it kept in the batch. With ``enabled: false`` one job
@@ -30,7 +32,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from deepserve import metrics
-from deepserve.batching import BatchingConfig
+from deepserve.batching import DEADLINE_SLACK_S, BatchingConfig, Dropped, HealthProbe
 from deepserve.errors import DeadlineExceeded, InvalidInput, Overloaded
 from deepserve.statistics import Timing
 from deepserve.runtime import (
@@ -88,6 +90,8 @@ class StepBatcher:
         self.steps_run = 0  # session runs
         self.job_steps = 0  # request-steps they carried
         self.largest = 0  # most requests in one run
+        self.dropped = Dropped(runtime)
+        self.probe = HealthProbe(runtime, self._executor)  # one network evaluation, between two steps
 
     # ------------------------------------------------------------------ the Backend interface
 
@@ -118,6 +122,10 @@ class StepBatcher:
                 if isinstance(event, GenerationResult):
                     return
         finally:
+            # Left unfinished at its deadline (here, or a remote caller's cancel at its own copy
+            # of the deadline): dropped, and counted by how far it got.
+            if not entry.closed and time.monotonic() >= deadline - DEADLINE_SLACK_S:
+                self.dropped.expired("queued" if entry.queue_s is None else "computing")
             entry.closed = True  # whatever ended the stream, the job stops at the next step
 
     @property
@@ -137,7 +145,15 @@ class StepBatcher:
             "largest_batch": self.largest,
             "in_flight": self.in_flight,
             "threaded": True,
+            **self.dropped.figures(),
+            **self.probe.figures(),
         }
+
+    async def check(self, timeout: float) -> dict[str, Any]:
+        """The health probe (one network evaluation, :class:`~deepserve.batching.HealthProbe`),
+        then :meth:`info`."""
+        await self.probe(timeout)
+        return await self.info()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -2,7 +2,8 @@
 
 Each servicer method converts the request, calls the :class:`~deepserve.dataplane.DataPlane`
 and converts the answer back. Errors go through :func:`deepserve.errors.to_status`, the
-one table from errors to status codes; no stack trace reaches a client.
+one table from errors to status codes; no stack trace reaches a client. Request bytes that
+are not the method's message never reach a servicer: :mod:`deepserve.wire` answers them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from deepserve import codec, metrics, triton
 from deepserve.client import NODE_METADATA_KEY
 from deepserve.dataplane import PLATFORM, DataPlane
-from deepserve.errors import InvalidInput, ModelNotFound, to_status
-from deepserve.runtime import GenerationResult, GenerativeRuntime, RecommenderRuntime, png_bytes
+from deepserve.errors import InvalidInput, ModelNotFound, Overloaded, to_status
+from deepserve.images import encode_png
+from deepserve.runtime import GenerationResult, GenerativeRuntime, RecommenderRuntime
+from deepserve.security import ServerSecurity
+from deepserve.wire import DecodeRequests
 from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
 from deepserve.proto import inference_pb2 as oip
@@ -50,10 +54,13 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
     def decorate(method):
         rpc = method.__name__
 
-        async def fail(context, exc: Exception) -> str:
+        async def fail(self, context, exc: Exception) -> str:
             status, message = to_status(exc)
             if status == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", rpc)
+            if isinstance(exc, Overloaded):  # when to retry, in the trailer gRPC retry policies obey
+                context.set_trailing_metadata(
+                    (*self.trailing, ("grpc-retry-pushback-ms", str(int(exc.retry_after_s * 1000)))))
             await context.abort(status, message)
             return status.name  # not reached: abort raises
 
@@ -71,6 +78,8 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
                 started, code = time.perf_counter(), "OK"
                 context.set_trailing_metadata(self.trailing)  # errors keep it too
                 try:
+                    if inference:  # before any decoding: refuse at once while the loop is late
+                        self.dataplane.admission.check_loop()
                     async for message in method(self, request, context):
                         yield message
                 except asyncio.CancelledError:  # the client cancelled or went away
@@ -78,7 +87,7 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                     code = to_status(exc)[0].name
-                    await fail(context, exc)
+                    await fail(self, context, exc)
                 finally:
                     record(self, request, code, started)
 
@@ -89,13 +98,15 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
             started, code = time.perf_counter(), "OK"
             context.set_trailing_metadata(self.trailing)  # errors keep it too
             try:
+                if inference:  # before any decoding: refuse at once while the loop is late
+                    self.dataplane.admission.check_loop()
                 return await method(self, request, context)
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 code = to_status(exc)[0].name
-                await fail(context, exc)
+                await fail(self, context, exc)
             finally:
                 record(self, request, code, started)
 
@@ -294,15 +305,19 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
             remaining=context.time_remaining(),
         )
 
-    @staticmethod
-    def _response(model, result: GenerationResult) -> v1.GenerateResponse:
+    async def _pngs(self, images) -> list[bytes]:
+        """PNG files of generated images, encoded off the event loop."""
+        return await self.dataplane.offload.run(lambda: [encode_png(image) for image in images])
+
+    async def _response(self, model, result: GenerationResult) -> v1.GenerateResponse:
         height, width = result.images.shape[-2:]
+        pngs = await self._pngs(result.images)
         return v1.GenerateResponse(
             model=model.runtime.name, version=model.runtime.version, seed=result.seed, steps=result.steps,
             guidance=result.guidance, sampler=result.sampler, height=height, width=width,
             images=[
-                v1.GeneratedImage(png=png_bytes(image), pixels=image.ravel().tolist(), label=int(label))
-                for image, label in zip(result.images, result.labels)
+                v1.GeneratedImage(png=png, pixels=image.ravel().tolist(), label=int(label))
+                for png, image, label in zip(pngs, result.images, result.labels)
             ],
         )
 
@@ -311,7 +326,7 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
         model, events = self._start(request, context, stream=False)
         async for event in events:
             if isinstance(event, GenerationResult):
-                return self._response(model, event)
+                return await self._response(model, event)
         raise RuntimeError("the generation ended without a result")
 
     @_handled("model", "digit-diffusion", inference=True)
@@ -319,9 +334,9 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
         model, events = self._start(request, context, stream=True)
         async for event in events:
             if isinstance(event, GenerationResult):
-                yield v1.GenerateEvent(result=self._response(model, event))
+                yield v1.GenerateEvent(result=await self._response(model, event))
             else:
-                previews = [] if event.previews is None else [png_bytes(p) for p in event.previews]
+                previews = [] if event.previews is None else await self._pngs(event.previews)
                 yield v1.GenerateEvent(
                     progress=v1.GenerateProgress(step=event.step, steps=event.steps, previews=previews))
 
@@ -379,7 +394,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 class GrpcServer:
-    """Both APIs, health (overall and per model) and reflection on one port.
+    """Both APIs, health (overall and per model) and, when enabled, reflection on one port.
 
     Args:
         dataplane: what every servicer calls.
@@ -390,15 +405,33 @@ class GrpcServer:
             the client reconnects, letting calls in flight finish for ``grace_s``) once it is
             this old. HTTP/2 connections otherwise stay with the gateway they first reached,
             and a gateway that joins later would get no traffic from long-lived clients.
+        security: the port's TLS credentials and the token interceptor
+            (:meth:`ServerSecurity.from_settings`); default: plaintext, no authentication.
+        reflection: serve gRPC server reflection.
+        max_concurrent_rpcs: calls this server works on at once, of every kind; beyond it
+            grpc.aio leaves new calls in gRPC's queue (it does not refuse them). None: no bound.
+        health_port: also serve ``grpc.health.v1`` alone, in plaintext, on this port: for probes
+            that cannot speak TLS (Kubernetes' gRPC probes). None: health only on ``port``.
+
+    Raises:
+        RuntimeError: a port is held by another process. There is one gateway per node, so
+            the port is not shared (no SO_REUSEPORT): a second server, such as another
+            ``deepserve serve``, fails here instead of silently taking half the clients.
     """
 
     def __init__(self, dataplane: DataPlane, host: str, port: int, max_message_bytes: int, node: str,
-                 max_connection_age_s: float = 60.0, grace_s: float = 30.0):
+                 max_connection_age_s: float = 60.0, grace_s: float = 30.0,
+                 security: ServerSecurity | None = None, reflection: bool = False,
+                 health_port: int | None = None, max_concurrent_rpcs: int | None = None):
         self.dataplane = dataplane
-        self.server = grpc.aio.server(options=[
+        self.security = security or ServerSecurity()
+        # Beyond max_concurrent_rpcs, grpc.aio takes no new call until one ends.
+        # DecodeRequests comes last: only calls the token check let through are parsed.
+        self.server = grpc.aio.server(interceptors=(*self.security.interceptors, DecodeRequests()),
+                                      maximum_concurrent_rpcs=max_concurrent_rpcs, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 1),  # several gateways on one node share the port
+            ("grpc.so_reuseport", 0),  # one gateway per node: a port held by anyone else is an error
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
             # Clients ping idle connections to notice a lost node (deepserve.client): allow it.
@@ -416,20 +449,42 @@ class GrpcServer:
             add(servicer(dataplane, node), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.server,
-            pool=_reflection_pool(),
-        )
+        self.reflection = reflection
+        if reflection:
+            grpc_reflection.enable_server_reflection(
+                (*SERVICE_NAMES, "grpc.health.v1.Health", grpc_reflection.SERVICE_NAME), self.server,
+                pool=_reflection_pool(),
+            )
         self.address = f"{host}:{port}"
-        bound = self.server.add_insecure_port(self.address)
+        self.port = self._bind(self.server, host, port, self.security.credentials, "grpc_port")
+        self.health_server = None
+        if health_port is not None:  # health alone, open: nothing else is served there
+            self.health_server = grpc.aio.server(interceptors=(DecodeRequests(),),
+                                                 options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self._bind(self.health_server, host, health_port, None, "health_port")
+
+    @staticmethod
+    def _bind(server, host: str, port: int, credentials, setting: str) -> int:
+        address = f"{host}:{port}"
+        try:  # grpcio raises on a failed bind; older releases returned 0
+            bound = (server.add_secure_port(address, credentials) if credentials is not None
+                     else server.add_insecure_port(address))
+        except RuntimeError:
+            bound = 0
         if bound == 0:
-            raise RuntimeError(f"cannot bind gRPC port {self.address}")
-        self.port = bound
+            raise RuntimeError(f"cannot listen on gRPC port {port} ({address}; {setting}, "
+                               f"DEEPSERVE_{setting.upper()}): another process holds it, or the host is not "
+                               "an address of this machine. Stop that process or choose another port.")
+        return bound
 
     async def start(self) -> None:
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.publish_health()
-        log.info("gRPC server listening on %s", self.address)
+        log.info("gRPC server listening on %s (%s; reflection %s)", self.address, self.security.summary,
+                 "on" if self.reflection else "off")
 
     async def publish_health(self) -> None:
         """Mirror the dataplane's readiness into grpc.health.v1 (overall and per model)."""
@@ -442,3 +497,5 @@ class GrpcServer:
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:  # says NOT_SERVING while the main port drains
+            await self.health_server.stop(0)

@@ -173,6 +173,15 @@ class Metrics:
             tag_keys=_MODEL)
         self.generated_images = Counter(
             "deepserve_generated_images", "Images whose generation finished.", tag_keys=_MODEL)
+        self.deadline_exceeded = Counter(
+            "deepserve_deadline_exceeded",
+            "Requests the server dropped because their deadline passed, by where they were then: "
+            "queued (never computed) or computing (its run stopped, or its generation's steps).",
+            tag_keys=(*_MODEL, "stage"))
+        self.terminated_runs = Counter(
+            "deepserve_terminated_runs",
+            "Session runs stopped midway because every request in them had left (deadline or cancel).",
+            tag_keys=_MODEL)
         self.memory = Gauge(
             "deepserve_process_resident_memory_bytes", "Resident memory of this serving process.",
             tag_keys=("component",))
@@ -251,6 +260,17 @@ class Metrics:
             self.generation_steps.inc(steps, key)
             if images:
                 self.generated_images.inc(images, key)
+
+    def dropped(self, model: str, version: str, stage: str) -> None:
+        """A request's deadline passed while it was ``queued`` or ``computing``: the server
+        dropped it (a queued one is never computed; a computing one frees its share)."""
+        if self.enabled:
+            self.deadline_exceeded.inc(1, (model, version, stage))
+
+    def terminated(self, model: str, version: str) -> None:
+        """A session run was stopped because none of its requests was waiting for it any more."""
+        if self.enabled:
+            self.terminated_runs.inc(1, (model, version))
 
     def classified(self, model: str, version: str, probabilities: np.ndarray) -> None:
         if self.enabled:

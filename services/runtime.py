@@ -19,6 +19,7 @@ import numpy as np
 from deepserve import sampling
 from deepserve.codec import DATATYPE_TO_NUMPY, numpy_to_datatype
 from deepserve.errors import InvalidInput
+from deepserve.images import decode_png, encode_png
 from deepserve.repository import Manifest, TensorSpec
 from deepserve.statistics import NO_TIMING, Timing
 
@@ -58,6 +59,16 @@ def choose_providers(gpus: list[str], available: list[str], visible: str | None)
     return [(CUDA, {"device_id": device}), CPU]
 
 
+def run_options():
+    """A fresh ``onnxruntime.RunOptions`` for one session run: setting its ``terminate`` from
+    another thread stops the run between two kernels (and between two iterations of a
+    ``Loop``), and the run raises. The batching backends stop a run this way once every
+    request in it has left (deadline passed, or cancelled)."""
+    import onnxruntime as ort
+
+    return ort.RunOptions()
+
+
 class Runtime:
     """Signature checks, an optional ONNX Runtime session, and kind hooks."""
 
@@ -70,6 +81,7 @@ class Runtime:
         self.session = None
         self.provider = "none"
         self.load_seconds = 0.0
+        self.max_image_side = 0  # models that take images: see runtime_for
 
     @property
     def name(self) -> str:
@@ -144,7 +156,7 @@ class Runtime:
         providers = choose_providers(assigned_gpus(), ort.get_available_providers(), os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
         self.provider = self.session.get_providers()[0]
-        self.run(self.example_inputs(1))  # the first run pays for lazy initialization
+        self.probe()  # the first run pays for lazy initialization; a broken graph fails here
         self.load_seconds = time.perf_counter() - started
         log.info("%s v%s loaded on %s in %.2f s", self.name, self.version, self.provider, self.load_seconds)
 
@@ -165,10 +177,30 @@ class Runtime:
             best = min(best, time.perf_counter() - started)
         return best
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The graph's outputs for already validated inputs."""
+    def run(self, inputs: dict[str, np.ndarray], options=None) -> dict[str, np.ndarray]:
+        """The graph's outputs for already validated inputs.
+
+        Args:
+            options: the run's ``onnxruntime.RunOptions`` (:func:`run_options`): another thread
+                stops the run by setting its ``terminate``.
+        """
         names = [t.name for t in self.manifest.outputs]
-        return dict(zip(names, self.session.run(names, inputs)))
+        return dict(zip(names, self.session.run(names, inputs, options)))
+
+    def probe(self, options=None) -> None:
+        """One row of :meth:`example_inputs` through the session: a replica's health check.
+
+        A session object proves nothing about whether it can still compute (a hung or failed
+        device, a thread stuck in a run): this runs the graph, one row, the cheapest real run
+        (generators: one network evaluation, not a sampling run).
+
+        Raises:
+            RuntimeError: the run failed, or gave NaN (corrupted weights, a faulty device).
+        """
+        outputs = self.run(self.example_inputs(1), options)
+        broken = [name for name, array in outputs.items() if array.dtype.kind == "f" and np.isnan(array).any()]
+        if broken:
+            raise RuntimeError(f"model '{self.name}': NaN in {broken} for the example input")
 
     # ------------------------------------------------------------------ kind hooks
 
@@ -303,20 +335,22 @@ class ClassifierRuntime(Runtime):
             raise InvalidInput(f"image {index}: pixels must be finite values in [0, 1]")
         return pixels.reshape(self.image_shape)
 
+    # PNGs up to this many times the model's input side are accepted unless configured.
+    IMAGE_SIDE_FACTOR = 8
+
     def image_from_png(self, index: int, data: bytes) -> np.ndarray:
-        """A PNG (any mode) -> grayscale, resized to the model's input, scaled to [0, 1]."""
-        import io
+        """A PNG (any mode) -> grayscale, resized to the model's input, scaled to [0, 1].
+        Its declared size is checked before it is decoded (:func:`deepserve.images.decode_png`)."""
+        height, width = self.image_shape[1:]
+        max_side = self.max_image_side or self.IMAGE_SIDE_FACTOR * max(height, width)
+        return decode_png(data, (width, height), max_side, f"image {index}").reshape(self.image_shape)
 
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.format != "PNG":
-                    raise InvalidInput(f"image {index}: expected a PNG file, got {img.format}")
-                gray = img.convert("L").resize(self.image_shape[:0:-1], Image.Resampling.BILINEAR)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise InvalidInput(f"image {index}: not a readable PNG ({exc.__class__.__name__})") from None
-        return (np.asarray(gray, dtype=np.float32) / 255.0).reshape(self.image_shape)
+    def images_batch(self, images: list[tuple[str, Any]]) -> np.ndarray:
+        """``("pixels", array)`` or ``("png", bytes)`` images as one (B, 1, H, W) batch."""
+        return np.stack([
+            self.image_from_png(i, data) if form == "png" else self.images_from_pixels(i, data)
+            for i, (form, data) in enumerate(images)
+        ]).astype(np.float32)
 
     def resolve_top_k(self, k: int) -> int:
         k = k or 3
@@ -421,10 +455,6 @@ class GenerativeRuntime(Runtime):
             for n, s in self.graph_inputs.items()
         }
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [t.name for t in self.manifest.outputs]
-        return dict(zip(names, self.session.run(names, inputs)))
-
     # ------------------------------------------------------------------ requests
 
     def request(
@@ -485,22 +515,10 @@ class GenerativeRuntime(Runtime):
 
     def encode(self, result: GenerationResult) -> dict[str, np.ndarray]:
         """A result as Open Inference Protocol outputs."""
-        pngs = np.array([png_bytes(image) for image in result.images], dtype=object)
+        pngs = np.array([encode_png(image) for image in result.images], dtype=object)
         count = len(result.images)
         return {"images": result.images, "png": pngs, "seed": np.full(count, result.seed, dtype=np.uint64),
                 "generated_label": result.labels.astype(np.int64)}
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """A (1, H, W) image in [0, 1] as an 8-bit grayscale PNG (deterministic bytes)."""
-    import io
-
-    from PIL import Image
-
-    pixels = np.round(np.clip(image[0], 0.0, 1.0) * 255.0).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _str_parameter(parameters, key):
@@ -760,6 +778,15 @@ RUNTIMES: dict[str, type[Runtime]] = {
 }
 
 
-def runtime_for(manifest: Manifest, max_rows: int = 4096) -> Runtime:
-    """The runtime class registered for the manifest's kind (the generic base otherwise)."""
-    return RUNTIMES.get(manifest.kind, Runtime)(manifest, max_rows)
+def runtime_for(manifest: Manifest, max_rows: int = 4096, max_image_side: int = 0) -> Runtime:
+    """The runtime class registered for the manifest's kind (the generic base otherwise).
+
+    Args:
+        manifest: the model version's manifest.
+        max_rows: the most rows one request may carry.
+        max_image_side: the largest PNG width or height accepted (models that take images);
+            0: eight times the model's own.
+    """
+    runtime = RUNTIMES.get(manifest.kind, Runtime)(manifest, max_rows)
+    runtime.max_image_side = max_image_side
+    return runtime

@@ -106,6 +106,11 @@ def server(repository):
     app = build_app({
         "repository": str(repository.root), "models": TEST_MODELS, "grpc_port": port,
         "grpc_host": "127.0.0.1", "max_rows_per_request": MAX_ROWS, "readiness_poll_s": 0.5,
+        "reflection": True,  # off by default; tests/services/test_serving.py lists the services with it
+        # Shedding on event-loop lag is tested against the shipped default by its own app
+        # (tests/reliability/test_overload.py); here two cores also run the tests and
+        # Prometheus, and a shed request would fail an unrelated test.
+        "max_loop_lag_s": 0.5,
     }, [gateway])
     serve.run(app, name="deepserve", route_prefix=None)
     target = f"127.0.0.1:{port}"

@@ -262,9 +262,22 @@ class ModelRepository:
         origin = None if isinstance(self._files, LocalFiles) else self._files
         return ModelVersion(Manifest.from_dict(json.loads(text)), self.root / name / version, origin)
 
-    def load(self, name: str, version: str | None = None) -> tuple[ModelVersion, bytes]:
-        """The manifest and the verified ONNX bytes of a model version."""
+    def load(self, name: str, version: str | None = None, pinned: str | None = None) -> tuple[ModelVersion, bytes]:
+        """The manifest and the verified ONNX bytes of a model version.
+
+        Args:
+            pinned: the sha256 the deployment expects (the Serve config's ``sha256``): a
+                manifest that says anything else is refused before its file is read.
+
+        Raises:
+            ModelIntegrityError: the manifest contradicts the pin, or the file its manifest.
+        """
         model = self.get(name, version)
+        if pinned is not None and model.manifest.sha256 != pinned:
+            raise ModelIntegrityError(
+                f"model '{name}' version {model.manifest.version}: its manifest says sha256 {model.manifest.sha256}, "
+                f"the Serve config pins {pinned}; refusing it"
+            )
         return model, model.read_model_bytes()
 
 

@@ -77,7 +77,36 @@ def test_client_command_errors_are_one_line(server):
 def test_model_options_are_checked_at_deploy_time(repository):
     import pytest
 
-    for bad, fragment in [({"intra_op_threads": 0}, "intra_op_threads"), ({"placement": "gpu"}, "placement"),
-                          ({"speed": "fast"}, "unknown option")]:
-        with pytest.raises(ValueError, match=fragment):
-            build_app({"repository": str(repository.root), "models": {"digit-diffusion": bad}})
+    def build(models=None, **args):
+        return build_app({"repository": str(repository.root), "models": models or {"digit-diffusion": {}}, **args})
+
+    for bad, message in [
+        ({"intra_op_threads": 0}, "models.digit-diffusion.intra_op_threads: Input should be greater than or equal to 1 (got 0)"),
+        ({"placement": "gpu"}, "models.digit-diffusion.placement: Input should be 'gateway' or 'deployment' (got 'gpu')"),
+        ({"speed": "fast"}, "models.digit-diffusion.speed: unknown option (got 'fast')"),
+        ({"batching": {"max_batch_size": 0}}, "models.digit-diffusion.batching.max_batch_size: Input should be greater"),
+        ({"batching": {"max_queued": -1}}, "models.digit-diffusion.batching.max_queued: Input should be greater"),
+        ({"batching": {"max_batch": 8}}, "models.digit-diffusion.batching.max_batch: unknown option"),
+        ({"batching": {"max_wait_s": "soon"}}, "models.digit-diffusion.batching.max_wait_s: Input should be a valid number"),
+        ({"sha256": "abc"}, "models.digit-diffusion.sha256: String should match pattern"),
+    ]:
+        with pytest.raises(ValueError) as failed:
+            build({"digit-diffusion": bad})
+        assert str(failed.value).startswith("invalid Serve config: " + message), str(failed.value)
+    with pytest.raises(ValueError, match=r"args\.grpc_prot: unknown option"):
+        build(grpc_prot=9000)
+    with pytest.raises(ValueError, match=r"args\.max_rows_per_request: Input should be greater than or equal to 1"):
+        build(max_rows_per_request=0)
+
+
+def test_a_pinned_digest_refuses_a_swapped_model(repository):
+    """A manifest and file rewritten together pass the sha256 check; a digest pinned in the
+    Serve config does not."""
+    import pytest
+
+    from deepserve.errors import ModelIntegrityError
+
+    actual = repository.get("fraud-autoencoder").manifest.sha256
+    assert build_app({"repository": str(repository.root), "models": {"fraud-autoencoder": {"sha256": actual}}})
+    with pytest.raises(ModelIntegrityError, match="the Serve config pins " + "0" * 64):
+        build_app({"repository": str(repository.root), "models": {"fraud-autoencoder": {"sha256": "0" * 64}}})
