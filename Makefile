@@ -17,7 +17,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation protos protos-check k8s k8s-check clean distclean
+.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation overload fuzz protos protos-check k8s k8s-check clean distclean
 
 install: $(STAMP)
 
@@ -74,6 +74,20 @@ bench: models $(KSERVE_VENV)/.installed
 # Diffusion images/s at concurrency 1 and 16, with and without step batching.
 bench-generation: models
 	$(PY) loadtests/bench/generation.py --repo $(REPO)
+
+# Four times the capacity, open loop, against the shipped admission bounds: offered and admitted
+# rates, latencies against the unloaded ones, refusals and every other status code (docs/reliability.md).
+overload: models
+	$(PY) loadtests/bench/overload.py --repo $(REPO)
+
+# Hostile requests to every model over both APIs (tests/fuzz), against its own service: prints
+# requests by API and category, status codes, INTERNAL/UNKNOWN (must be 0), replica restarts,
+# readiness and the gateway's memory. `make test` runs a seeded few hundred of the same.
+FUZZ_REQUESTS ?= 10000
+FUZZ_SEED     ?= 0
+fuzz: models
+	DEEPSERVE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) DEEPSERVE_FUZZ_SEED=$(FUZZ_SEED) \
+		$(PY) -m pytest tests/fuzz/test_fuzz.py -m fuzz -p no:cacheprovider
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py

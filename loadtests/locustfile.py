@@ -19,6 +19,9 @@ Settings (environment, read when a user starts):
                                 closed loop), ``0.05`` (constant) or ``0.01-0.1`` (uniform).
     DEEPSERVE_LOADTEST_TIMEOUT  per-call deadline in seconds (default 10).
     DEEPSERVE_LOADTEST_SEED     seed of the payloads and of each user's choices (default 0).
+    DEEPSERVE_LOADTEST_WAIT_FOR_READY  ``1``: calls wait for a connection until their deadline
+                                instead of failing at once while no gateway answers (default 0;
+                                see ``wait_for_ready`` in deepserve.client).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Settings:
     wait: tuple[float, float]  # (min, max) think time in seconds
     timeout: float
     seed: int
+    wait_for_ready: bool = False
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -78,6 +82,7 @@ class Settings:
             wait=bounds,
             timeout=float(os.environ.get("DEEPSERVE_LOADTEST_TIMEOUT", "10")),
             seed=int(os.environ.get("DEEPSERVE_LOADTEST_SEED", "0")),
+            wait_for_ready=os.environ.get("DEEPSERVE_LOADTEST_WAIT_FOR_READY", "0") == "1",
         )
 
 
@@ -131,8 +136,9 @@ class Stubs:
     recommender: v1_grpc.RecommenderStub
 
     @classmethod
-    def open(cls, target: str) -> "Stubs":
-        channel = open_channel(target)  # round robin over the target's addresses, with retries
+    def open(cls, target: str, wait_for_ready: bool = False) -> "Stubs":
+        # Round robin over the target's addresses, with retries.
+        channel = open_channel(target, wait_for_ready=wait_for_ready)
         return cls(channel, v1_grpc.FraudScoringStub(channel), v1_grpc.ClassifierStub(channel),
                    v1_grpc.ModelsStub(channel), oip_grpc.GRPCInferenceServiceStub(channel),
                    v1_grpc.GeneratorStub(channel), v1_grpc.RecommenderStub(channel))
@@ -244,6 +250,14 @@ class Classify(Workload):
             raise WrongAnswer("want 1 result with 3 labels")
 
 
+class ClassifyRobust(Classify):
+    """The same images to digit-classifier-robust: placed ``deployment`` in the shipped config,
+    so each call crosses a Serve handle to a replica of its own."""
+
+    name = "Classifier.Classify[robust]"
+    model = "digit-classifier-robust"
+
+
 class Generate(Workload):
     """One diffusion image of a digit with the model's defaults (20 DDIM steps, guided)."""
 
@@ -332,7 +346,7 @@ class GrpcUser(User):
     def on_start(self) -> None:
         self.settings = Settings.from_env()
         self.rng = random.Random(self.settings.seed * 1_000_003 + next(GrpcUser._ids))
-        self.stubs = Stubs.open(self.host)
+        self.stubs = Stubs.open(self.host, self.settings.wait_for_ready)
         self.active: list[Workload] = []  # what this user runs, once ListModels has answered
         self.weights: list[float] = []
 
@@ -456,6 +470,14 @@ class DiffusionUser(GrpcUser):
 
 class RecommendUser(GrpcUser):
     workloads = {Recommend: 3, RecommendColdStart: 1}
+
+
+class BothPathsUser(GrpcUser):
+    """Half fraud scoring (computed in the gateway), half the robust classifier (a replica
+    behind a Serve handle): a fault on either path shows in its own row
+    (tests/reliability/test_faults_under_load.py)."""
+
+    workloads = {FraudScore: 1, ClassifyRobust: 1}
 
 
 class EveryModelUser(GrpcUser):

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait", default="0", help="think time between a user's calls: S or MIN-MAX seconds (default 0)")
     p.add_argument("--timeout", type=float, default=10.0, help="per-call deadline, seconds (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of payloads and users' choices (default 0)")
+    p.add_argument("--wait-for-ready", action="store_true",
+                   help="calls wait for a connection until their deadline instead of failing at once while no "
+                        "gateway answers (rides out a gateway restart)")
     p.add_argument("--ready-timeout", type=float, default=5.0, help="seconds to wait for ServerReady at start")
     p.add_argument("--slo-p99-ms", type=float, help="SLO: p99 latency of all requests at most this, ms")
     p.add_argument("--slo-error-rate", type=float, help="SLO: failed/all requests at most this (0..1)")
@@ -83,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     os.environ.update(DEEPSERVE_LOADTEST_WAIT=args.wait, DEEPSERVE_LOADTEST_TIMEOUT=str(args.timeout),
-                      DEEPSERVE_LOADTEST_SEED=str(args.seed))
+                      DEEPSERVE_LOADTEST_SEED=str(args.seed),
+                      DEEPSERVE_LOADTEST_WAIT_FOR_READY="1" if args.wait_for_ready else "0")
     try:
         locustfile.Settings.from_env()
     except ValueError as e:
@@ -311,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "host": args.host, "user_class": args.user, "users": args.users, "spawn_rate": args.spawn_rate,
         "duration_s": args.duration, "elapsed_s": round(result.elapsed_s, 3), "wait": args.wait, "seed": args.seed,
+        "wait_for_ready": args.wait_for_ready,
         "started_at": started_at,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         # Near 100% (one core), the load generator rather than the server limits the throughput.
