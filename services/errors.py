@@ -77,6 +77,7 @@ ECHO_CHARS = 100  # the longest run of one word (a name, a value, a list without
 MESSAGE_CHARS = 1000  # the longest message a client reads: far below gRPC's 8 KiB metadata limit
 
 _RUNS = re.compile(r"\S+|\s+")  # a message's words and the spaces between them
+_LONG_WORD = re.compile(r"\S{%d,}" % (ECHO_CHARS + 1))  # a word to clip
 
 
 def clip(text: str, limit: int = ECHO_CHARS) -> str:
@@ -115,8 +116,8 @@ def bounded(message: str) -> str:
     are read lazily and the reading stops at the limit, so a message of megabytes costs little
     more than a short one.
     """
-    if len(message) <= ECHO_CHARS and message.isprintable():  # the usual message: nothing to do
-        return message
+    if len(message) <= MESSAGE_CHARS and message.isprintable() and not _LONG_WORD.search(message):
+        return message  # the usual message: nothing to do
     shown: list[str] = []
     size = 0
     for run in _RUNS.finditer(message):

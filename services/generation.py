@@ -102,6 +102,9 @@ class StepBatcher:
                 f"model '{self.runtime.name}' is overloaded: {self.config.max_queued} requests in flight; "
                 "retry with backoff"
             )
+        if timeout <= 0:  # it spent its time on the way here (a remote replica's queue, say)
+            self.dropped.expired("queued")
+            raise DeadlineExceeded(f"model '{self.runtime.name}' did not finish within the deadline")
         entry = _Entry(self.runtime.new_job(request))
         self._waiting.append(entry)
         if self._loop_task is None or self._loop_task.done():

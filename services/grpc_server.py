@@ -9,6 +9,7 @@ are not the method's message never reach a servicer: :mod:`deepserve.wire` answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -54,15 +55,13 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
     def decorate(method):
         rpc = method.__name__
 
-        async def fail(self, context, exc: Exception) -> str:
-            status, message = to_status(exc)
+        async def fail(self, context, exc: Exception, status: grpc.StatusCode, message: str) -> None:
             if status == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", rpc)
             if isinstance(exc, Overloaded):  # when to retry, in the trailer gRPC retry policies obey
                 context.set_trailing_metadata(
                     (*self.trailing, ("grpc-retry-pushback-ms", str(int(exc.retry_after_s * 1000)))))
             await context.abort(status, message)
-            return status.name  # not reached: abort raises
 
         def record(self, request, code: str, started: float) -> None:
             name = (getattr(request, model_field) or default_model) if model_field else None
@@ -86,8 +85,9 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
                     code = "CANCELLED"
                     raise
                 except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
-                    code = to_status(exc)[0].name
-                    await fail(self, context, exc)
+                    status, message = to_status(exc)
+                    code = status.name
+                    await fail(self, context, exc, status, message)
                 finally:
                     record(self, request, code, started)
 
@@ -105,8 +105,9 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
                 code = "CANCELLED"
                 raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
-                code = to_status(exc)[0].name
-                await fail(self, context, exc)
+                status, message = to_status(exc)
+                code = status.name
+                await fail(self, context, exc, status, message)
             finally:
                 record(self, request, code, started)
 
@@ -324,10 +325,14 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
     @_handled("model", "digit-diffusion", inference=True)
     async def Generate(self, request, context):
         model, events = self._start(request, context, stream=False)
-        async for event in events:
-            if isinstance(event, GenerationResult):
-                return await self._response(model, event)
-        raise RuntimeError("the generation ended without a result")
+        async with contextlib.aclosing(events):  # ends the dataplane's stream (and its admission) now
+            async for event in events:
+                if isinstance(event, GenerationResult):
+                    result = event
+                    break
+            else:
+                raise RuntimeError("the generation ended without a result")
+        return await self._response(model, result)
 
     @_handled("model", "digit-diffusion", inference=True)
     async def GenerateStream(self, request, context):
