@@ -173,15 +173,21 @@ class ExportedClassifier(nn.Module):
 # ---------------------------------------------------------------------------- training
 
 
-def train(split: DigitsSplit, cfg: DigitCNNConfig, seed: int, desc: str) -> DigitCNN:
-    """Train a DigitCNN on clean images (the plain model)."""
-    torch.manual_seed(seed)
+def _training_setup(split: DigitsSplit, cfg: DigitCNNConfig, seed: int):
+    """What both trainings start from: the network (initialised from torch's global RNG, which
+    the caller seeds), AdamW with a cosine schedule, the training tensors, and the generator
+    that shuffles each epoch."""
     net = DigitCNN.for_data(cfg, split.x_train)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    x = torch.from_numpy(split.x_train)
-    y = torch.from_numpy(split.y_train)
     gen = torch.Generator().manual_seed(seed)
+    return net, opt, sched, torch.from_numpy(split.x_train), torch.from_numpy(split.y_train), gen
+
+
+def train(split: DigitsSplit, cfg: DigitCNNConfig, seed: int, desc: str) -> DigitCNN:
+    """Train a DigitCNN on clean images (the plain model)."""
+    torch.manual_seed(seed)
+    net, opt, sched, x, y, gen = _training_setup(split, cfg, seed)
     for _ in progress(range(cfg.epochs), desc, "epoch"):
         net.train()
         order = torch.randperm(len(x), generator=gen)
@@ -244,12 +250,7 @@ def train_robust(split: DigitsSplit, cfg: DigitCNNConfig, adv: AdversarialTraini
     """
     torch.manual_seed(seed)
     parts = carve_validation(split, adv.validation_fraction, seed)
-    net = DigitCNN.for_data(cfg, parts.x_train)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    x = torch.from_numpy(parts.x_train)
-    y = torch.from_numpy(parts.y_train)
-    gen = torch.Generator().manual_seed(seed)
+    net, opt, sched, x, y, gen = _training_setup(parts, cfg, seed)
     history, best_score, best_state, best_epoch = [], -1.0, None, None
     for epoch in progress(range(cfg.epochs), desc, "epoch"):
         eps = adv.eps * min(1.0, (epoch + 1) / adv.ramp_epochs)
