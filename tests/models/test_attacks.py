@@ -102,6 +102,16 @@ def test_fgsm_is_the_optimal_attack_on_a_two_class_linear_model(backend):
     _assert_valid(result, target, x, y, EPS)
 
 
+def _assert_sound_and_complete(result, target, w, b, x, y, breakable) -> None:
+    """Sound: the attack never breaks a provably robust image. Complete where it counts: it
+    breaks every image that is breakable with 20% to spare (at 0.8 eps); right at the edge a
+    sign step or a random square may stop short of the one corner that works."""
+    assert not (result.fooled & ~breakable).any()
+    clearly = _breakable(w, b, x, y, 0.8 * EPS)
+    assert result.fooled[clearly].all(), np.flatnonzero(clearly & ~result.fooled)
+    _assert_valid(result, target, x, y, EPS)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_pgd_finds_exactly_the_breakable_images_of_a_ten_class_linear_model(backend):
@@ -111,13 +121,7 @@ def test_pgd_finds_exactly_the_breakable_images_of_a_ten_class_linear_model(back
     assert 0.2 < breakable.mean() < 0.8  # a case where the answer is not trivial
     restarts = 5 if backend == "torch" else 2  # central differences cost 128 runs a step
     result = attacks.pgd(target, x, y, EPS, steps=20, restarts=restarts, loss="margin")
-    # Sound: never breaks a provably robust image. Complete where it counts: breaks every image
-    # that is breakable with 20% to spare (at 0.8 eps); right at the edge a sign step may stop
-    # short of the one corner that works.
-    assert not (result.fooled & ~breakable).any()
-    clearly = _breakable(w, b, x, y, 0.8 * EPS)
-    assert result.fooled[clearly].all(), np.flatnonzero(clearly & ~result.fooled)
-    _assert_valid(result, target, x, y, EPS)
+    _assert_sound_and_complete(result, target, w, b, x, y, breakable)
 
 
 @pytest.mark.timeout(60)
@@ -126,10 +130,7 @@ def test_square_attack_breaks_the_breakable_images_without_gradients():
     target = _targets(w, b)["onnx"]
     breakable = _breakable(w, b, x, y, EPS)
     result = attacks.square_attack(target, x, y, EPS, queries=1000)
-    assert not (result.fooled & ~breakable).any()  # sound
-    clearly = _breakable(w, b, x, y, 0.8 * EPS)
-    assert result.fooled[clearly].all(), np.flatnonzero(clearly & ~result.fooled)
-    _assert_valid(result, target, x, y, EPS)
+    _assert_sound_and_complete(result, target, w, b, x, y, breakable)
 
 
 @pytest.mark.timeout(60)
