@@ -211,14 +211,18 @@ class DeepServeClient:
         transactions: Iterable[Sequence[float]] | Iterable[dict[str, float]],
         model: str = "",
         threshold: float | None = None,
+        top_features: int | None = None,
     ) -> v1.ScoreResponse:
-        """Score transactions given as rows in schema order, or as ``{column: value}`` dicts."""
+        """Score transactions given as rows in schema order, or as ``{column: value}`` dicts;
+        ``top_features``: features explaining each score (None: the server's 3; 0: none)."""
         items = []
         for t in transactions:
             items.append(v1.Transaction(named=t) if isinstance(t, dict) else v1.Transaction(features=list(t)))
         request = v1.ScoreRequest(model=model, transactions=items)
         if threshold is not None:
             request.threshold = threshold
+        if top_features is not None:
+            request.top_features = top_features
         return self.fraud.Score(request, timeout=self.timeout)
 
     def classify(

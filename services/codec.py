@@ -321,12 +321,27 @@ def encode_output(name: str, array: np.ndarray) -> tuple[InferOutputTensor, byte
             neither bytes nor str (a server bug, not a client error).
     """
     array = np.asarray(array)
+    datatype, raw = _encoded(name, array)
+    return InferOutputTensor(name=name, datatype=datatype, shape=array.shape), raw
+
+
+def add_outputs(response: inference_pb2.ModelInferResponse, outputs: dict[str, np.ndarray]) -> None:
+    """Append every output to ``response``, as :func:`encode_output` encodes it, with no
+    temporary message (``outputs.add`` builds the tensor in place; appending a built one
+    copies it): the answer path of every ``ModelInfer``."""
+    for name, array in outputs.items():
+        array = np.asarray(array)
+        datatype, raw = _encoded(name, array)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(raw)
+
+
+def _encoded(name: str, array: np.ndarray) -> tuple[str, bytes]:
+    """An output's datatype and raw bytes (little-endian, BYTES length-prefixed)."""
     datatype = numpy_to_datatype(array.dtype)
-    tensor = InferOutputTensor(name=name, datatype=datatype, shape=array.shape)
     if datatype == "BYTES":
-        return tensor, _encode_bytes(name, array)
-    wire = DATATYPE_TO_NUMPY[datatype]
-    return tensor, np.ascontiguousarray(array, dtype=wire).tobytes()
+        return datatype, _encode_bytes(name, array)
+    return datatype, np.ascontiguousarray(array, dtype=DATATYPE_TO_NUMPY[datatype]).tobytes()
 
 
 def _encode_bytes(name: str, array: np.ndarray) -> bytes:

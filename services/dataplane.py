@@ -79,7 +79,8 @@ class DataPlane:
     def __init__(self, models: list[ServedModel], default_timeout_s: float = 30.0,
                  repository: dict[str, list[str]] | None = None,
                  replica_counts: Callable[[], Awaitable[dict[str, int]]] | None = None,
-                 admission: Admission | None = None):
+                 admission: Admission | None = None,
+                 gateway_report: Callable[[], Awaitable[tuple[Statistics, dict[str, dict]]]] | None = None):
         """
         Args:
             models: the served models.
@@ -89,6 +90,8 @@ class DataPlane:
             replica_counts: how many replicas compute each model now (``ModelConfig``'s
                 instance groups); default: one each.
             admission: the bounds on what is in flight (:mod:`deepserve.admission`).
+            gateway_report: the statistics and model reports of the whole gateway, when this
+                dataplane is one of its worker processes (default: this dataplane's own).
         """
         self.models = {m.runtime.name: m for m in models}
         self.default_timeout_s = default_timeout_s
@@ -99,6 +102,7 @@ class DataPlane:
         self.statistics = Statistics()
         self.offload = Offloaded()  # PNG decoding and encoding, off the event loop
         self.admission = admission or Admission()
+        self._gateway_report = gateway_report
 
     # ------------------------------------------------------------------ health
 
@@ -227,6 +231,17 @@ class DataPlane:
                 log.warning("replica counts unavailable", exc_info=True)
         return {name: 1 for name in self.models}
 
+    async def gateway_report(self) -> tuple[Statistics, dict[str, dict]]:
+        """The statistics of every request the gateway served, whichever of its worker
+        processes served it, and each model's replica report, added up likewise (for
+        ``ModelStatistics`` and ``ListModels``); this dataplane's own when nobody can say."""
+        if self._gateway_report is not None:
+            try:
+                return await self._gateway_report()
+            except Exception:  # noqa: BLE001 - this worker's own figures beat no answer
+                log.warning("the gateway's report is unavailable: this worker's own figures", exc_info=True)
+        return self.statistics, {name: m.replica_info for name, m in self.models.items()}
+
     def publish_gauges(self) -> None:
         """Readiness and in-flight gauges, sampled (the readiness poll calls this each second)."""
         for name, model in self.models.items():
@@ -268,13 +283,16 @@ class DataPlane:
         named: list[dict[str, float]] | None,
         threshold: float | None,
         remaining: float | None = None,
+        top_features: int | None = None,
     ) -> tuple[ServedModel, list[AnomalyResult]]:
-        """Fraud scoring: transactions (as rows, or by column name) -> score, decision, explanation."""
+        """Fraud scoring: transactions (as rows, or by column name) -> score, decision and the
+        ``top_features`` features that explain it (None: the runtime's default; 0: none)."""
         model = self.get(name or "fraud-autoencoder", version)
         runtime = model.runtime
         if not isinstance(runtime, AnomalyRuntime):
             raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not an anomaly detector")
         cutoff = runtime.resolve_threshold(threshold)
+        top = runtime.resolve_top_features(top_features)
         if named is not None:
             matrix = runtime.rows_from_named(named)
         else:
@@ -288,7 +306,7 @@ class DataPlane:
             matrix = np.asarray(rows, dtype=np.float32).reshape(-1, width)
         outputs = await self._run(model, {runtime.manifest.inputs[0].name: matrix}, remaining)
         self.metrics.fraud(runtime.name, runtime.version, outputs["score"], runtime.threshold)
-        return model, runtime.explain(outputs, cutoff)
+        return model, runtime.explain(outputs, cutoff, top)
 
     async def classify(
         self,

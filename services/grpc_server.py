@@ -176,10 +176,7 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         response = oip.ModelInferResponse(
             model_name=model.runtime.name, model_version=model.runtime.version, id=request.id
         )
-        for name, array in outputs.items():
-            tensor, raw = codec.encode_output(name, np.ascontiguousarray(array))
-            response.outputs.append(tensor)
-            response.raw_output_contents.append(raw)
+        codec.add_outputs(response, outputs)
         return response
 
 
@@ -195,10 +192,10 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
     @_handled("name")
     async def ModelStatistics(self, request, context):
         names = [request.name] if request.name else sorted(self.dataplane.models)
-        stats = []
-        for name in names:
-            version = self.dataplane.get(name, request.version).runtime.version  # NOT_FOUND if not served
-            stats.append(triton.model_statistics(name, version, self.dataplane.statistics.of(name, version)))
+        versions = [self.dataplane.get(name, request.version).runtime.version for name in names]  # NOT_FOUND first
+        statistics, _ = await self.dataplane.gateway_report()  # every worker's requests
+        stats = [triton.model_statistics(name, version, statistics.of(name, version))
+                 for name, version in zip(names, versions)]
         return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
     @_handled()
@@ -233,6 +230,7 @@ class FraudScoringServicer(_Servicer, v1_grpc.FraudScoringServicer):
             request.model, request.version, rows, named,
             request.threshold if request.HasField("threshold") else None,
             remaining=context.time_remaining(),
+            top_features=request.top_features if request.HasField("top_features") else None,
         )
         version = model.runtime.version
         return v1.ScoreResponse(
@@ -349,9 +347,11 @@ class GeneratorServicer(_Servicer, v1_grpc.GeneratorServicer):
 class ModelsServicer(_Servicer, v1_grpc.ModelsServicer):
     @_handled()
     async def ListModels(self, request, context):
+        _, reports = await self.dataplane.gateway_report()  # batch figures of every worker
         infos = []
         for name in sorted(self.dataplane.models):
             model = self.dataplane.models[name]
+            report = reports.get(name) or model.replica_info
             manifest = model.runtime.manifest
             infos.append(v1.ModelInfo(
                 name=name, version=manifest.version, kind=manifest.kind, ready=model.ready,
@@ -359,7 +359,7 @@ class ModelsServicer(_Servicer, v1_grpc.ModelsServicer):
                 load_seconds=float(model.replica_info.get("load_seconds", 0.0)),
                 metrics={k: float(v) for k, v in manifest.metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                batching={k: float(model.replica_info[k]) for k in BATCHING_FIELDS if k in model.replica_info},
+                batching={k: float(report[k]) for k in BATCHING_FIELDS if k in report},
             ))
         return v1.ListModelsResponse(models=infos)
 
@@ -417,17 +417,19 @@ class GrpcServer:
             grpc.aio leaves new calls in gRPC's queue (it does not refuse them). None: no bound.
         health_port: also serve ``grpc.health.v1`` alone, in plaintext, on this port: for probes
             that cannot speak TLS (Kubernetes' gRPC probes). None: health only on ``port``.
+        reuse_port: share the ports with the other servers of this gateway (SO_REUSEPORT: the
+            kernel spreads new connections over them). The gateway replica checks first that
+            no other process holds them (:func:`deepserve.gateway.replica.claim_port`).
 
     Raises:
-        RuntimeError: a port is held by another process. There is one gateway per node, so
-            the port is not shared (no SO_REUSEPORT): a second server, such as another
-            ``deepserve serve``, fails here instead of silently taking half the clients.
+        RuntimeError: a port cannot be bound: without ``reuse_port``, any process holding it.
     """
 
     def __init__(self, dataplane: DataPlane, host: str, port: int, max_message_bytes: int, node: str,
                  max_connection_age_s: float = 60.0, grace_s: float = 30.0,
                  security: ServerSecurity | None = None, reflection: bool = False,
-                 health_port: int | None = None, max_concurrent_rpcs: int | None = None):
+                 health_port: int | None = None, max_concurrent_rpcs: int | None = None,
+                 reuse_port: bool = False):
         self.dataplane = dataplane
         self.security = security or ServerSecurity()
         # Beyond max_concurrent_rpcs, grpc.aio takes no new call until one ends.
@@ -436,7 +438,7 @@ class GrpcServer:
                                       maximum_concurrent_rpcs=max_concurrent_rpcs, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),  # one gateway per node: a port held by anyone else is an error
+            ("grpc.so_reuseport", int(reuse_port)),  # only this gateway's own workers share the port
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
             # Clients ping idle connections to notice a lost node (deepserve.client): allow it.
@@ -465,7 +467,7 @@ class GrpcServer:
         self.health_server = None
         if health_port is not None:  # health alone, open: nothing else is served there
             self.health_server = grpc.aio.server(interceptors=(DecodeRequests(),),
-                                                 options=[("grpc.so_reuseport", 0)])
+                                                 options=[("grpc.so_reuseport", int(reuse_port))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self._bind(self.health_server, host, health_port, None, "health_port")
 

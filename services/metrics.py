@@ -1,20 +1,23 @@
-"""DeepServe's Prometheus metrics, recorded through Ray's metrics path.
+"""DeepServe's Prometheus metrics, recorded locally and exported through Ray's metrics path.
 
-Every process that serves (gateway replicas, model replicas) records into Ray's
-``ray.util.metrics``; Ray's metrics agent on each node exposes every process's series on
-one scrape endpoint per node (``deepserve serve`` sets it to port 8080). Ray prefixes the
-names with ``ray_`` and adds process labels (``WorkerId``, ``NodeAddress``, ...): sum over
-them in queries. Names and labels are documented in docs/metrics.md.
+Every serving process records into plain Python aggregates (a dict increment per
+observation). Once a second :meth:`Metrics.refresh` hands what accumulated on:
 
-Recording is local and cheap: counters and histograms accumulate in plain Python and are
-handed to Ray once a second by :meth:`Metrics.refresh` (the gateway's readiness poll and
-each model replica's refresher call it). A call into ``ray.util.metrics`` costs microseconds
-and a request would make about ten of them: done per request, they cost 9% of the fraud
-model's throughput (docs/benchmarks.md). Histograms are exported as cumulative
-``_bucket{le=...}``, ``_sum`` and ``_count`` series (Ray gauges; the names and PromQL are a
-Prometheus histogram's, and ``_sum`` is exact, which Ray's own histograms are not).
+- in a Ray process (a gateway replica, a model replica) to Ray's ``ray.util.metrics``; Ray's
+  metrics agent on each node exposes every process's series on one scrape endpoint per node
+  (``deepserve serve`` sets it to port 8080). Ray prefixes the names with ``ray_`` and adds
+  process labels (``WorkerId``, ``NodeAddress``, ...): sum over them in queries.
+- in a gateway worker process (:mod:`deepserve.gateway`), which never imports Ray, to its
+  gateway replica: the replica takes the worker's :meth:`Metrics.snapshot` each second and
+  :meth:`Metrics.absorb` adds it to its own before exporting. A request costs the same either way.
 
-Outside a Ray worker (unit tests, tools) every method is a no-op.
+A call into ``ray.util.metrics`` costs microseconds and a request would make about ten of
+them: done per request, they cost 9% of the fraud model's throughput (docs/benchmarks.md).
+Histograms are exported as cumulative ``_bucket{le=...}``, ``_sum`` and ``_count`` series
+(Ray gauges; the names and PromQL are a Prometheus histogram's, and ``_sum`` is exact, which
+Ray's own histograms are not). Names and labels are documented in docs/metrics.md.
+
+Outside Ray and outside a gateway worker (unit tests, tools) every method is a no-op.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import bisect
 import os
 import resource
 import sys
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -41,85 +44,166 @@ KEEPALIVE_TICKS = 5  # refreshes between re-sending unchanged histogram series
 _MODEL = ("model", "version")
 
 
+# ---------------------------------------------------------------------------- local aggregates
+
+
 class _Counter:
-    """A counter that adds up locally; :meth:`flush` hands the increments to Ray."""
+    """A counter whose increments add up locally until :meth:`take`."""
 
     def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]):
-        from ray.util.metrics import Counter
-
-        self.tag_keys = tag_keys
-        self.ray = Counter(name, description, tag_keys=tag_keys)
+        self.name, self.description, self.tag_keys = name, description, tag_keys
         self.pending: dict[tuple, float] = {}
 
     def inc(self, value: float, key: tuple) -> None:
         """Add ``value`` to the series whose label values, in ``tag_keys`` order, are ``key``."""
         self.pending[key] = self.pending.get(key, 0) + value
 
-    def flush(self) -> None:
+    def take(self) -> dict[tuple, float]:
+        """The increments since the last take."""
         pending, self.pending = self.pending, {}
-        for key, value in pending.items():
-            if value > 0:
-                self.ray.inc(value, tags=dict(zip(self.tag_keys, key)))
+        return pending
+
+    def add(self, increments: dict[tuple, float]) -> None:
+        for key, value in increments.items():
+            self.inc(value, key)
 
 
 class _Histogram:
-    """A histogram kept locally (cumulative bucket counts, sum, count) and exported as the
-    ``_bucket``/``_sum``/``_count`` series of a Prometheus histogram."""
+    """Observations counted locally per bucket (plus their sum and count) until :meth:`take`."""
 
     def __init__(self, name: str, description: str, boundaries: list[float], tag_keys: tuple[str, ...]):
-        from ray.util.metrics import Gauge
-
-        self.tag_keys = tag_keys
+        self.name, self.description, self.tag_keys = name, description, tag_keys
         self.bounds = list(boundaries)
-        self.les = [_le(b) for b in self.bounds] + ["+Inf"]
-        self.buckets = Gauge(f"{name}_bucket", f"{description} (cumulative count per bucket)",
-                             tag_keys=(*tag_keys, "le"))
-        self.sums = Gauge(f"{name}_sum", f"{description} (sum of observations)", tag_keys=tag_keys)
-        self.counts = Gauge(f"{name}_count", f"{description} (number of observations)", tag_keys=tag_keys)
-        self.series: dict[tuple, list] = {}  # key -> [per-bucket counts..., sum, count]
-        self.flushed: dict[tuple, int] = {}  # key -> count at the last flush
+        self.pending: dict[tuple, list] = {}  # key -> [per-bucket counts..., sum, count]
 
     def observe(self, value: float, key: tuple) -> None:
         """Record ``value`` in the series whose label values, in ``tag_keys`` order, are ``key``."""
-        state = self.series.get(key)
+        state = self.pending.get(key)
         if state is None:
-            state = self.series[key] = [0] * (len(self.bounds) + 1) + [0.0, 0]
+            state = self.pending[key] = [0] * (len(self.bounds) + 1) + [0.0, 0]
         state[bisect.bisect_left(self.bounds, value)] += 1  # le is inclusive
         state[-2] += value
         state[-1] += 1
 
-    def flush(self, everything: bool) -> None:
-        """Export the series that changed since the last flush (all of them when ``everything``:
-        Ray forgets a gauge left unset for long, so unchanged series are re-sent now and then)."""
-        for key, state in self.series.items():
-            if not everything and self.flushed.get(key) == state[-1]:
-                continue
-            self.flushed[key] = state[-1]
-            tags = dict(zip(self.tag_keys, key))
-            cumulative = 0
-            for le, n in zip(self.les, state[:-2]):
-                cumulative += n
-                self.buckets.set(cumulative, tags={**tags, "le": le})
-            self.sums.set(state[-2], tags=tags)
-            self.counts.set(state[-1], tags=tags)
+    def take(self) -> dict[tuple, list]:
+        """The observations since the last take, per series."""
+        pending, self.pending = self.pending, {}
+        return pending
+
+    def add(self, observed: dict[tuple, list]) -> None:
+        for key, delta in observed.items():
+            state = self.pending.get(key)
+            if state is None:
+                self.pending[key] = list(delta)
+            else:
+                for i, v in enumerate(delta):
+                    state[i] += v
+
+
+class _Gauge:
+    """A gauge's current values. Where several processes report the same series (a gateway's
+    workers), ``combine`` makes one value of theirs."""
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...],
+                 combine: Callable[[Iterable[float]], float] = max):
+        self.name, self.description, self.tag_keys, self.combine = name, description, tag_keys, combine
+        self.values: dict[tuple, float] = {}
+
+    def set(self, value: float, key: tuple) -> None:
+        self.values[key] = value
+
+
+# ---------------------------------------------------------------------------- export to Ray
+
+
+class _RayExport:
+    """The ``ray.util.metrics`` objects of a Ray process, and the cumulative histogram state
+    they are set from."""
+
+    def __init__(self, metrics: list):
+        from ray.util.metrics import Counter, Gauge
+
+        self.counters, self.histograms, self.gauges = {}, {}, {}
+        self.cumulative: dict[str, dict[tuple, list]] = {}
+        self.flushed: dict[str, dict[tuple, int]] = {}
+        for m in metrics:
+            if isinstance(m, _Counter):
+                self.counters[m.name] = Counter(m.name, m.description, tag_keys=m.tag_keys)
+            elif isinstance(m, _Histogram):
+                self.histograms[m.name] = (
+                    [_le(b) for b in m.bounds] + ["+Inf"],
+                    Gauge(f"{m.name}_bucket", f"{m.description} (cumulative count per bucket)",
+                          tag_keys=(*m.tag_keys, "le")),
+                    Gauge(f"{m.name}_sum", f"{m.description} (sum of observations)", tag_keys=m.tag_keys),
+                    Gauge(f"{m.name}_count", f"{m.description} (number of observations)", tag_keys=m.tag_keys),
+                )
+                self.cumulative[m.name], self.flushed[m.name] = {}, {}
+            elif isinstance(m, _Gauge):
+                self.gauges[m.name] = Gauge(m.name, m.description, tag_keys=m.tag_keys)
+
+    def export(self, snapshot: dict[str, Any], tag_keys: dict[str, tuple], everything: bool) -> None:
+        """Counters' increments, histograms' cumulative state (the series that changed; all of
+        them when ``everything``: Ray forgets a gauge left unset for long), every gauge value."""
+        for name, increments in snapshot["counters"].items():
+            for key, value in increments.items():
+                if value > 0:
+                    self.counters[name].inc(value, tags=dict(zip(tag_keys[name], key)))
+        for name, observed in snapshot["histograms"].items():
+            states = self.cumulative[name]
+            for key, delta in observed.items():
+                state = states.setdefault(key, [0] * len(delta))
+                for i, v in enumerate(delta):
+                    state[i] += v
+            les, buckets, sums, counts = self.histograms[name]
+            flushed = self.flushed[name]
+            for key, state in states.items():
+                if not everything and flushed.get(key) == state[-1]:
+                    continue
+                flushed[key] = state[-1]
+                tags = dict(zip(tag_keys[name], key))
+                cumulative = 0
+                for le, n in zip(les, state[:-2]):
+                    cumulative += n
+                    buckets.set(cumulative, tags={**tags, "le": le})
+                sums.set(state[-2], tags=tags)
+                counts.set(state[-1], tags=tags)
+        for name, values in snapshot["gauges"].items():
+            for key, value in values.items():
+                self.gauges[name].set(value, tags=dict(zip(tag_keys[name], key)))
 
 
 def _le(bound: float) -> str:
     return repr(float(bound)).rstrip("0").rstrip(".") if bound != int(bound) else f"{bound:g}"
 
 
-class Metrics:
-    """The serving metrics of one process. Create with :func:`get`."""
+def _total(values: Iterable[float]) -> float:
+    return sum(values)
 
-    def __init__(self, enabled: bool):
+
+def _lowest(values: Iterable[float]) -> float:
+    return min(values)
+
+
+# ---------------------------------------------------------------------------- the metrics
+
+
+class Metrics:
+    """The serving metrics of one process. Create with :func:`get`.
+
+    Args:
+        enabled: record at all (recording methods are no-ops otherwise).
+        export: hand what accumulated to Ray on :meth:`refresh` (a Ray process); without it,
+            a gateway worker's replica collects :meth:`snapshot` instead.
+    """
+
+    def __init__(self, enabled: bool, export: bool = False):
         self.enabled = enabled
-        self._static: list[tuple] = []  # (gauge, value, tags) set once, re-set by refresh()
         self._ticks = 0
+        self._absorbed: dict[Any, dict[str, dict[tuple, float]]] = {}  # worker -> its gauges
+        self._export: _RayExport | None = None
         if not enabled:
             return
-        from ray.util.metrics import Gauge
-
-        Counter, Histogram = _Counter, _Histogram  # noqa: N806 - local aggregation, same interface
+        Counter, Histogram, Gauge = _Counter, _Histogram, _Gauge  # noqa: N806 - read like Prometheus'
 
         self.requests = Counter(
             "deepserve_requests", "gRPC requests by model, method and status code.",
@@ -142,13 +226,14 @@ class Metrics:
             tag_keys=_MODEL)
         self.rows = Counter("deepserve_model_rows", "Rows (transactions, images) computed.", tag_keys=_MODEL)
         self.in_flight = Gauge(
-            "deepserve_requests_in_flight", "Inference requests being handled by this gateway.", tag_keys=_MODEL)
+            "deepserve_requests_in_flight", "Inference requests being handled by this gateway.", tag_keys=_MODEL,
+            combine=_total)  # over the gateway's worker processes
         self.replicas = Gauge(
-            "deepserve_model_replicas", "1 per process holding a session of the model: sum() counts replicas.",
-            tag_keys=(*_MODEL, "placement"))
+            "deepserve_model_replicas", "1 per replica holding a session of the model: sum() counts replicas.",
+            tag_keys=(*_MODEL, "placement"))  # a gateway's workers count once: it is one replica
         self.ready = Gauge(
             "deepserve_model_ready", "1 when the gateway sees a ready replica of the model, else 0.",
-            tag_keys=_MODEL)
+            tag_keys=_MODEL, combine=_lowest)  # ready in every worker process of the gateway
         self.load_seconds = Gauge(
             "deepserve_model_load_duration_seconds", "Time to create and warm up the model's ONNX Runtime session.",
             tag_keys=_MODEL)
@@ -185,6 +270,10 @@ class Metrics:
         self.memory = Gauge(
             "deepserve_process_resident_memory_bytes", "Resident memory of this serving process.",
             tag_keys=("component",))
+        self._all = [m for m in vars(self).values() if isinstance(m, (_Counter, _Histogram, _Gauge))]
+        self._tag_keys = {m.name: m.tag_keys for m in self._all}
+        if export:
+            self._export = _RayExport(self._all)
 
     # ------------------------------------------------------------------ recording
 
@@ -207,38 +296,18 @@ class Metrics:
 
     def set_in_flight(self, model: str, version: str, value: int) -> None:
         if self.enabled:
-            self.in_flight.set(value, tags={"model": model, "version": version})
+            self.in_flight.set(value, (model, version))
 
     def set_ready(self, model: str, version: str, ready: bool) -> None:
         if self.enabled:
-            self.ready.set(1.0 if ready else 0.0, tags={"model": model, "version": version})
+            self.ready.set(1.0 if ready else 0.0, (model, version))
 
     def loaded(self, model: str, version: str, kind: str, placement: str, provider: str, seconds: float) -> None:
         if self.enabled:
-            tags = {"model": model, "version": version}
-            self._static += [
-                (self.replicas, 1, {**tags, "placement": placement}),
-                (self.load_seconds, seconds, tags),
-                (self.info, 1, {**tags, "kind": kind, "placement": placement, "provider": provider}),
-            ]
+            self.replicas.set(1, (model, version, placement))
+            self.load_seconds.set(seconds, (model, version))
+            self.info.set(1, (model, version, kind, placement, provider))
             self.refresh()
-
-    def refresh(self, component: str | None = None) -> None:
-        """Hand what accumulated to Ray: counters' increments, histograms' current state, and
-        the gauges that describe this process (Ray drops a gauge's series when it goes unset
-        for a while); given a component name, also its resident memory. Call once a second."""
-        if self.enabled:
-            self._ticks += 1
-            everything = self._ticks % KEEPALIVE_TICKS == 1
-            for metric in vars(self).values():
-                if isinstance(metric, _Counter):
-                    metric.flush()
-                elif isinstance(metric, _Histogram):
-                    metric.flush(everything)
-            for gauge, value, tags in self._static:
-                gauge.set(value, tags=tags)
-            if component is not None:
-                self.memory.set(_resident_bytes(), tags={"component": component})
 
     def fraud(self, model: str, version: str, scores: np.ndarray, threshold: float) -> None:
         """Rows scored, rows above the model's own ``threshold``, a sample of scores."""
@@ -278,6 +347,56 @@ class Metrics:
             for p in probabilities[:SAMPLED_ROWS].max(axis=1).tolist():
                 self.confidence.observe(p, key)
 
+    # ------------------------------------------------------------------ export
+
+    def snapshot(self, component: str | None = None) -> dict[str, Any]:
+        """What accumulated since the last snapshot (counters' increments, histograms'
+        observations) and every gauge's value; given a component name, with its resident
+        memory. What a gateway worker hands its replica each second."""
+        if not self.enabled:
+            return {"counters": {}, "histograms": {}, "gauges": {}}
+        if component is not None:
+            self.memory.set(_resident_bytes(), (component,))
+        return {
+            "counters": {m.name: m.take() for m in self._all if isinstance(m, _Counter)},
+            "histograms": {m.name: m.take() for m in self._all if isinstance(m, _Histogram)},
+            "gauges": {m.name: dict(m.values) for m in self._all if isinstance(m, _Gauge)},
+        }
+
+    def absorb(self, source: Any, snapshot: dict[str, Any]) -> None:
+        """Add a worker process's :meth:`snapshot` to this process's metrics; its gauges
+        replace the ones ``source`` gave before."""
+        if not self.enabled:
+            return
+        by_name = {m.name: m for m in self._all}
+        for name, increments in snapshot["counters"].items():
+            by_name[name].add(increments)
+        for name, observed in snapshot["histograms"].items():
+            by_name[name].add(observed)
+        self._absorbed[source] = snapshot["gauges"]
+
+    def forget(self, source: Any) -> None:
+        """``source`` is gone (a worker that exited): its gauges no longer count."""
+        self._absorbed.pop(source, None)
+
+    def refresh(self, component: str | None = None) -> None:
+        """Hand what accumulated to Ray (a no-op in a gateway worker, whose replica takes
+        :meth:`snapshot` instead); given a component name, also its resident memory. Gauges
+        are re-set each time (Ray drops a gauge's series when it goes unset for a while), the
+        values of absorbed workers combined per series. Call once a second."""
+        if not self.enabled or self._export is None:
+            return
+        self._ticks += 1
+        snapshot = self.snapshot(component)
+        for name, own in snapshot["gauges"].items():
+            reported: dict[tuple, list[float]] = {key: [value] for key, value in own.items()}
+            for gauges in self._absorbed.values():
+                for key, value in gauges.get(name, {}).items():
+                    reported.setdefault(key, []).append(value)
+            combine = next(m.combine for m in self._all if m.name == name)
+            snapshot["gauges"][name] = {key: combine(values) for key, values in reported.items()}
+        self._export.export(snapshot, self._tag_keys, everything=self._ticks % KEEPALIVE_TICKS == 1)
+
 
 def _resident_bytes() -> int:
     try:
@@ -292,8 +411,8 @@ _instance: Metrics | None = None
 
 
 def get() -> Metrics:
-    """This process's metrics: live inside a Ray worker, no-ops elsewhere or when
-    ``DEEPSERVE_METRICS=0``."""
+    """This process's metrics: exported to Ray inside a Ray worker, no-ops elsewhere (unless
+    :func:`for_gateway_worker` said otherwise) or when ``DEEPSERVE_METRICS=0``."""
     global _instance
     if _instance is None:
         enabled = os.environ.get("DEEPSERVE_METRICS", "1") != "0"
@@ -301,5 +420,13 @@ def get() -> Metrics:
             import ray
 
             enabled = ray.is_initialized()
-        _instance = Metrics(enabled)
+        _instance = Metrics(enabled, export=enabled)
+    return _instance
+
+
+def for_gateway_worker() -> Metrics:
+    """A gateway worker process's metrics: recorded here, collected by its replica
+    (:meth:`Metrics.snapshot`); Ray is never imported. Call before anything calls :func:`get`."""
+    global _instance
+    _instance = Metrics(os.environ.get("DEEPSERVE_METRICS", "1") != "0")
     return _instance

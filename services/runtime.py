@@ -29,8 +29,17 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+ASSIGNED_GPUS_ENV = "DEEPSERVE_ASSIGNED_GPUS"
+
+
 def assigned_gpus() -> list[str]:
-    """The GPUs Ray gave this process (its actor's ``num_gpus``); none outside a Ray worker."""
+    """The GPUs Ray gave this process (its actor's ``num_gpus``); none outside a Ray worker.
+
+    A gateway's worker processes are not Ray workers: their replica passes its own GPUs on
+    in ``$DEEPSERVE_ASSIGNED_GPUS`` (comma-separated ids), and Ray is not imported.
+    """
+    if ASSIGNED_GPUS_ENV in os.environ:
+        return [g for g in os.environ[ASSIGNED_GPUS_ENV].split(",") if g]
     import ray
 
     if not ray.is_initialized():
@@ -295,10 +304,23 @@ class AnomalyRuntime(Runtime):
                 rows[i, index[name]] = value
         return rows
 
-    def explain(self, outputs: dict[str, np.ndarray], threshold: float) -> list[AnomalyResult]:
+    def resolve_top_features(self, requested: int | None) -> int:
+        """Features to explain each score with: ``TOP_FEATURES`` when unset, 0 for none."""
+        if requested is None:
+            return self.TOP_FEATURES
+        if requested > len(self.feature_names):
+            raise InvalidInput(f"top_features: at most {len(self.feature_names)} (the model's features), "
+                               f"got {requested}")
+        return requested
+
+    def explain(self, outputs: dict[str, np.ndarray], threshold: float,
+                top_features: int = TOP_FEATURES) -> list[AnomalyResult]:
         scores = outputs["score"]
+        if top_features == 0:  # the score and the decision only: no per-row sort, no strings
+            return [AnomalyResult(score=s, is_fraud=s > threshold, threshold=threshold, top_features=[])
+                    for s in scores.tolist()]
         errors = outputs["feature_errors"]  # (B, F)
-        top = np.argsort(-errors, axis=1)[:, : self.TOP_FEATURES]  # (B, 3)
+        top = np.argsort(-errors, axis=1)[:, :top_features]  # (B, k)
         return [
             AnomalyResult(
                 score=float(s),

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     """The model repository: a directory, or a URI (http(s)://, s3://, ...) that replicas fetch
     into a verified local cache (see docs/model-repository.md)."""
 
+    gateway_processes: int = Field(default=0, ge=0)
+    """Worker processes a gateway replica serves gRPC with, all on ``grpc_port`` (the kernel
+    spreads connections over them); each holds its own sessions of the models placed
+    ``gateway``. 0: one per CPU core the replica may use (its affinity, capped by a cgroup CPU
+    limit)."""
+
     max_rows_per_request: int = Field(default=4096, ge=1)
     """Largest batch one request may carry; beyond it: INVALID_ARGUMENT."""
 

@@ -83,3 +83,23 @@ class Statistics:
         if stats is None:
             stats = self.models[(model, version)] = ModelStats()
         return stats
+
+    @staticmethod
+    def combined(parts: list["Statistics"]) -> "Statistics":
+        """The statistics of several processes of one gateway (its workers), added up."""
+        total = Statistics()
+        for part in parts:
+            for key, stats in part.models.items():
+                into = total.of(*key)
+                for name in ("success", "fail", "queue", "compute"):
+                    mine, theirs = getattr(into, name), getattr(stats, name)
+                    mine[0] += theirs[0]
+                    mine[1] += theirs[1]
+                into.inferences += stats.inferences
+                into.executions += stats.executions
+                into.last_inference_ms = max(into.last_inference_ms, stats.last_inference_ms)
+                for rows, (runs, seconds) in stats.batches.items():
+                    entry = into.batches.setdefault(rows, [0.0, 0.0])
+                    entry[0] += runs
+                    entry[1] += seconds
+        return total

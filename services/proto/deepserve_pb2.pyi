@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "version", "transactions", "threshold")
+    __slots__ = ("model", "version", "transactions", "threshold", "top_features")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRANSACTIONS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TOP_FEATURES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     transactions: _containers.RepeatedCompositeFieldContainer[Transaction]
     threshold: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., transactions: _Optional[_Iterable[_Union[Transaction, _Mapping]]] = ..., threshold: _Optional[float] = ...) -> None: ...
+    top_features: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., transactions: _Optional[_Iterable[_Union[Transaction, _Mapping]]] = ..., threshold: _Optional[float] = ..., top_features: _Optional[int] = ...) -> None: ...
 
 class Transaction(_message.Message):
     __slots__ = ("features", "named")

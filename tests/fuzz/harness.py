@@ -366,7 +366,7 @@ def shrink(fuzzer: Fuzzer, strategy, count: int) -> None:
 
 @dataclass
 class ServerState:
-    gateway_pid: int
+    gateway_pids: tuple[int, ...]  # the gateway replica's, then its worker processes'
     model_pids: dict[str, int]
     replicas: dict[str, tuple[str, int, int]]  # Serve replica actor id -> (name, pid, restarts)
     rss_kib: int
@@ -387,12 +387,13 @@ def memory_kib(pid: int) -> tuple[int, int]:
 
 
 def capture() -> ServerState:
-    """The gateway's pid and memory, the deployment-placed models' pids, and every Serve replica."""
+    """The gateway's pids and memory (its replica and worker processes, added up), the
+    deployment-placed models' pids, and every Serve replica."""
     from ray import serve
 
     status = gateway_status()
-    pid = status["pid"]
-    rss, peak = memory_kib(pid)
+    pids = (status["pid"], *(w["pid"] for w in status["workers"]))
+    rss, peak = (sum(values) for values in zip(*(memory_kib(pid) for pid in pids)))
     replicas = {}
     try:  # Ray's actor table: replicas that died and were replaced show as new actor ids
         from ray._private import state
@@ -403,7 +404,7 @@ def capture() -> ServerState:
     except Exception:  # noqa: BLE001 - private API: the pids below still tell restarts
         pass
     deployments = {name: str(d.status) for name, d in serve.status().applications["deepserve"].deployments.items()}
-    return ServerState(pid, {n: m["pid"] for n, m in status["models"].items() if "pid" in m}, replicas, rss, peak,
+    return ServerState(pids, {n: m["pid"] for n, m in status["models"].items() if "pid" in m}, replicas, rss, peak,
                        deployments)
 
 
@@ -450,9 +451,9 @@ def check_server(target: str, before: ServerState, rss_margin_kib: int, settle_s
         time.sleep(0.5)
         after = capture()
     restarts = 0
-    if after.gateway_pid != before.gateway_pid:
+    if after.gateway_pids != before.gateway_pids:
         restarts += 1
-        problems.append(f"the gateway restarted (pid {before.gateway_pid} -> {after.gateway_pid})")
+        problems.append(f"the gateway or a worker restarted (pids {before.gateway_pids} -> {after.gateway_pids})")
     for name, pid in before.model_pids.items():
         if after.model_pids.get(name) != pid:
             restarts += 1

@@ -218,7 +218,7 @@ def _ray_errors() -> list[BaseException]:
 
 @pytest.mark.parametrize("error", _ray_errors(), ids=lambda e: type(e).__name__)
 def test_ray_errors_are_unavailable(error):
-    from deepserve.app import RayBackend
+    from deepserve.gateway.replica import RayBackend
 
     backend = RayBackend("some-model", handle=None)
     wrapped = rx.RayTaskError("infer", "Traceback ...", error, proctitle="replica", pid=1, ip="127.0.0.1")
@@ -230,7 +230,7 @@ def test_ray_errors_are_unavailable(error):
 
 
 def test_a_replica_bug_is_internal_and_backpressure_is_resource_exhausted():
-    from deepserve.app import RayBackend
+    from deepserve.gateway.replica import RayBackend
 
     backend = RayBackend("some-model", handle=None)
     bug = rx.RayTaskError("infer", "Traceback ... KeyError", KeyError("x"), proctitle="replica", pid=1,

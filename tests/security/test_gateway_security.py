@@ -241,8 +241,10 @@ def test_refusals_are_logged_without_the_token(secure, material):
 
 
 def test_a_second_server_on_a_held_port_is_refused(secure, material):
-    """The gateway holds its port alone (no SO_REUSEPORT): another server fails to start,
-    with a message naming the port, and the gateway keeps serving."""
+    """Only the gateway's own workers share its port: a plain server fails to bind it, and a
+    second gateway (whose workers would bind with SO_REUSEPORT) fails its replica's check
+    first; both with a message naming the port, and the gateway keeps serving."""
+    from deepserve.gateway.replica import claim_port
     from deepserve.grpc_server import GrpcServer
 
     port = int(secure.rsplit(":", 1)[1])
@@ -253,6 +255,8 @@ def test_a_second_server_on_a_held_port_is_refused(secure, material):
 
     with pytest.raises(RuntimeError, match=f"cannot listen on gRPC port {port} .*another process holds it"):
         asyncio.run(second_server())
+    with pytest.raises(RuntimeError, match=f"cannot listen on gRPC port {port} .*another process holds it"):
+        claim_port("127.0.0.1", port, "grpc_port")
     with open_channel(secure, tls_ca=material.ca) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING

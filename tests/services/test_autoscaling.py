@@ -8,6 +8,7 @@ that leaves and joins a real cluster.
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -80,10 +81,15 @@ def test_policy_runs_against_this_rays_context(server):
 
 
 def test_gateway_reports_its_load(server, client):
+    """The replica adds up its workers' requests (collected each second) into a rate."""
     gateway = serve.get_app_handle("deepserve")
     gateway.record_autoscaling_stats.remote().result()  # start a fresh window
     for _ in range(50):
         client.score([[0.0] * 30])
+    deadline = time.monotonic() + 10
     report = gateway.record_autoscaling_stats.remote().result()
+    while report["requests_per_s"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the requests reach the replica with its workers' next report
+        report = gateway.record_autoscaling_stats.remote().result()
     assert set(report) == {"requests_per_s", "in_flight"}
     assert report["requests_per_s"] > 0 and report["in_flight"] == 0

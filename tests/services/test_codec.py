@@ -354,11 +354,16 @@ def test_tritonclient_request_decodes_to_the_same_arrays():
 
 
 def test_our_response_reads_back_in_tritonclient():
+    """As the server builds it (add_outputs), and output by output (encode_output): the same bytes."""
+    names = ("FP32", "FP16", "UINT64", "BOOL", "BYTES")
     response = inference_pb2.ModelInferResponse(model_name="m", model_version="1", id="r")
-    for name in ("FP32", "FP16", "UINT64", "BOOL", "BYTES"):
+    codec.add_outputs(response, {f"out_{name}": SAMPLES[name] for name in names})
+    one_by_one = inference_pb2.ModelInferResponse(model_name="m", model_version="1", id="r")
+    for name in names:
         tensor, raw = codec.encode_output(f"out_{name}", SAMPLES[name])
-        response.outputs.append(tensor)
-        response.raw_output_contents.append(raw)
+        one_by_one.outputs.append(tensor)
+        one_by_one.raw_output_contents.append(raw)
+    assert response == one_by_one
 
     wire = response.SerializeToString()
     result = triton.InferResult(triton_pb2.ModelInferResponse.FromString(wire))

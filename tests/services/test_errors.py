@@ -27,9 +27,13 @@ def _gateway_status():
 
 @pytest.fixture(scope="module")
 def before(server):
-    """Process ids of the gateway and the deployment-placed replica before the abuse."""
-    status = _gateway_status()
-    return status["pid"], status["models"]["digit-classifier-robust"]["pid"]
+    """Process ids of the gateway (replica and workers) and the deployment-placed replica
+    before the abuse."""
+    return _pids(_gateway_status())
+
+
+def _pids(status) -> tuple:
+    return (status["pid"], *(w["pid"] for w in status["workers"]), status["models"]["digit-classifier-robust"]["pid"])
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +210,7 @@ def test_still_healthy_and_nothing_restarted(before, server, oip_stub):
             assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING
     status = _gateway_status()
-    assert (status["pid"], status["models"]["digit-classifier-robust"]["pid"]) == before
+    assert _pids(status) == before
     assert oip_stub.ModelInfer(_request(), timeout=10).model_name == "fraud-autoencoder"
 
 

@@ -158,6 +158,24 @@ def test_score_by_name_and_threshold_override(client, transactions, repository):
         assert b.threshold == 0.0 and b.is_fraud  # every score is above 0
 
 
+def test_score_explains_with_as_many_features_as_asked(client, direct, transactions, repository):
+    """``top_features``: 0 gives the score and the decision alone (the cheapest answer), N the N
+    largest errors; more than the model has is INVALID_ARGUMENT."""
+    x, _ = transactions
+    want_score, want_errors = direct["fraud-autoencoder"].run(None, {"transactions": x[:8]})
+    names = repository.get("fraud-autoencoder").manifest.extra["feature_names"]
+    bare = client.score(x[:8].tolist(), top_features=0)
+    assert [r.top_features for r in bare.results] == [[]] * 8
+    assert [r.score for r in bare.results] == pytest.approx(want_score.tolist(), rel=1e-5)
+    five = client.score(x[:8].tolist(), top_features=5)
+    for i, r in enumerate(five.results):
+        assert [c.name for c in r.top_features] == [names[j] for j in np.argsort(-want_errors[i])[:5]]
+    with pytest.raises(grpc.RpcError) as refused:
+        client.score(x[:1].tolist(), top_features=len(names) + 1)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"top_features: at most {len(names)}" in refused.value.details()
+
+
 def test_classify_pixels_and_png(client, held_out_digits, direct):
     x = held_out_digits.x_test[:20]
     response = client.classify(list(x), top_k=2)
