@@ -41,9 +41,10 @@ class Bare(oip_grpc.GRPCInferenceServiceServicer):
             t.name: np.frombuffer(raw, _NUMPY[t.datatype]).reshape(tuple(t.shape))
             for t, raw in zip(request.inputs, request.raw_input_contents)
         }
-        results = self.session.run(self.outputs, feeds)
+        names = [o.name for o in request.outputs] or self.outputs  # the outputs asked for, or all
+        results = self.session.run(names, feeds)
         response = oip.ModelInferResponse(model_name=self.name)
-        for name, array in zip(self.outputs, results):
+        for name, array in zip(names, results):
             response.outputs.add(name=name, datatype="FP32", shape=array.shape)
             response.raw_output_contents.append(array.tobytes())
         return response

@@ -1,24 +1,28 @@
-"""Side-by-side benchmark: in-process ONNX Runtime, a bare grpcio server, KServe, DeepServe.
+"""Side-by-side benchmark: in-process ONNX Runtime, bare grpcio servers, KServe, DeepServe.
 
 Same machine, same ONNX files, same protocol (Open Inference Protocol ``ModelInfer`` over
-gRPC, raw tensors), one load generator for every server. The servers run one at a time so
-that none steals CPU from another. The load generator is closed-loop: ``concurrency``
-coroutines, spread over one or two processes, each sending pre-serialized requests back
-to back through grpc.aio with no protobuf work of its own.
+gRPC, raw tensors), one load generator for every server. Every server is up at once and the
+load alternates between them in short slices (``--rounds`` rounds of ``--slice`` seconds per
+cell): on a shared machine whose speed drifts by tens of percent within an hour, drift then
+hits every server alike, and their ratios hold. The load generator is closed-loop:
+``concurrency`` coroutines, spread over one or two processes, each sending pre-serialized
+requests back to back through grpc.aio with no protobuf work of its own.
 
     make bench                      # or: python loadtests/bench/bench.py --repo model-repository
 
+Then digit-classifier's batching, on and off, as an interleaved pair of its own, run three
+times (the gain used to wander between runs), and the metrics' cost, on and off, likewise.
 Prints a table and the target ratios; writes reports/bench.json and reports/bench.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -134,10 +138,13 @@ def digit_images(n: int) -> np.ndarray:
     return (load_digits().images[:n] / 16.0).astype(np.float32)[:, None]
 
 
-def infer_request(model: str, input_name: str, array: np.ndarray) -> bytes:
+def infer_request(model: str, input_name: str, array: np.ndarray, outputs: tuple[str, ...] = ()) -> bytes:
+    """A serialized ``ModelInferRequest``; ``outputs``: ask for these outputs only (default: all)."""
     from deepserve.proto import inference_pb2 as oip
 
     request = oip.ModelInferRequest(model_name=model)
+    for name in outputs:
+        request.outputs.add(name=name)
     request.inputs.add(name=input_name, datatype="FP32", shape=list(array.shape))
     request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
     return request.SerializeToString()
@@ -230,52 +237,53 @@ class Server:
                 self.proc.wait()
 
 
-def deepserve_config(tmp: Path, batching_enabled: bool) -> Path:
+def deepserve_config(tmp: Path, batching_enabled: bool = True, processes: int = 0) -> Path:
+    """The shipped Serve config, with digit-classifier's batching on or off and the gateway's
+    worker processes (0: one per core)."""
     import yaml
 
     config = yaml.safe_load((PROJECT / "deploy" / "serve_config.yaml").read_text())
     app = config["applications"][0]
-    models = app["args"]["models"]
-    models["digit-classifier"]["batching"]["enabled"] = batching_enabled
-    path = tmp / f"serve_config_batching_{batching_enabled}.yaml"
+    app["args"]["models"]["digit-classifier"]["batching"]["enabled"] = batching_enabled
+    app["args"]["gateway_processes"] = processes
+    path = tmp / f"serve_config_batching_{batching_enabled}_processes_{processes}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-# ---------------------------------------------------------------------------- metrics cost
+# ---------------------------------------------------------------------------- interleaved runs
 
 
-def interleaved(servers: dict[str, "Server"], payload: bytes, concurrencies=(8, 32), rounds: int = 5,
-                slice_s: float = 3.0) -> dict[str, float]:
-    """req/s of several servers that are all up at once, the load alternating between them in
-    short slices: drift on a shared machine hits them alike, so their ratios hold."""
-    out: dict[str, float] = {}
-    for s in servers.values():
-        s.__enter__()
-    try:
-        for c in concurrencies:
-            done = dict.fromkeys(servers, 0)
-            for _ in range(rounds):
-                for name, s in servers.items():
-                    latencies, _ = drive(s.target, payload, c, slice_s, warmup=0.5)
-                    done[name] += len(latencies)
-            line = []
-            for name in servers:
-                out[f"{name}_c{c}_req_s"] = done[name] / (rounds * slice_s)
-                line.append(f"{name} {out[f'{name}_c{c}_req_s']:.0f}")
-            print(f"  fraud-1 c={c}: " + ", ".join(line) + " req/s", flush=True)
-    finally:
-        for s in servers.values():
-            s.__exit__()
-    return out
+def interleaved(servers: dict[str, "Server"], cells: list[tuple[str, bytes, int, int]], rounds: int,
+                slice_s: float) -> list[Result]:
+    """Each cell ``(workload, payload, rows per request, concurrency)`` on every server, all up
+    at once, the load alternating between them in ``slice_s`` slices for ``rounds`` rounds:
+    drift on a shared machine hits them alike, so their ratios hold."""
+    results = []
+    for workload, payload, rows, c in cells:
+        latencies = {name: [] for name in servers}
+        errors: dict[str, dict] = {name: {} for name in servers}
+        for _ in range(rounds):
+            for name, s in servers.items():
+                lat, err = drive(s.target, payload, c, slice_s, warmup=0.5)
+                latencies[name].append(lat)
+                for k, v in err.items():
+                    errors[name][k] = errors[name].get(k, 0) + v
+        for name in servers:
+            r = summarize(workload, name, c, rows, np.concatenate(latencies[name]), errors[name], rounds * slice_s)
+            results.append(r)
+            print(f"  {workload:10s} {name:24s} c={c:<3d} {r.requests_per_s:9.0f} req/s {r.rows_per_s:11.0f} rows/s"
+                  f"  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {r.errors or ''}", flush=True)
+    return results
 
 
-def deepserve_server(repo: Path, tmp: Path, metrics: bool = True) -> "Server":
+def deepserve_server(repo: Path, tmp: Path, name: str = "deepserve", metrics: bool = True, processes: int = 0,
+                     batching: bool = True) -> "Server":
     port = free_port()
     cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repo", str(repo), "--port", str(port),
-           "--metrics-port", str(free_port()), "--config", str(deepserve_config(tmp, True)),
-           "--models", "fraud-autoencoder"]
-    return Server("deepserve", cmd, port, {"DEEPSERVE_METRICS": "1" if metrics else "0"})
+           "--metrics-port", str(free_port()), "--config", str(deepserve_config(tmp, batching, processes)),
+           "--models", "fraud-autoencoder", "digit-classifier"]
+    return Server(name, cmd, port, {"DEEPSERVE_METRICS": "1" if metrics else "0"})
 
 
 # ---------------------------------------------------------------------------- in-process limit
@@ -306,104 +314,102 @@ def in_process(path: Path, input_name: str, array: np.ndarray, seconds: float) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repo", type=Path, default=PROJECT / "model-repository")
-    p.add_argument("--duration", type=float, default=6.0, help="measured seconds per cell")
+    p.add_argument("--rounds", type=int, default=4, help="rounds per cell (each server gets one slice a round)")
+    p.add_argument("--slice", type=float, default=3.0, help="measured seconds per slice")
+    p.add_argument("--batching-runs", type=int, default=3, help="interleaved batching on/off pairs")
     p.add_argument("--out", type=Path, default=PROJECT / "reports" / "bench")
-    p.add_argument("--skip", nargs="*", default=[], choices=["bare", "kserve", "deepserve", "metrics"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["bare", "kserve", "processes", "batching", "metrics"])
     args = p.parse_args(argv)
 
     from deepserve.repository import ModelRepository
 
     repo = ModelRepository(args.repo)
     fraud_path = repo.get("fraud-autoencoder").model_path
-    digits_path = repo.get("digit-classifier").model_path
-    d = args.duration
     one, many = fraud_rows(1), fraud_rows(256)
-    image = digit_images(1)
     payload = {
         "fraud-1": infer_request("fraud-autoencoder", "transactions", one),
         "fraud-256": infer_request("fraud-autoencoder", "transactions", many),
-        "digit-1": infer_request("digit-classifier", "images", image),
+        # The same rows asking for the score alone: 1 KB back instead of 31 KB (feature_errors).
+        "fraud-256 score": infer_request("fraud-autoencoder", "transactions", many, outputs=("score",)),
+        "digit-1": infer_request("digit-classifier", "images", digit_images(1)),
     }
     results: list[Result] = []
     extra: dict = {}
 
-    def cell(workload, path, target, concurrency, rows):
-        lat, err = drive(target, payload[workload], concurrency, d)
-        r = summarize(workload, path, concurrency, rows, lat, err, d)
-        results.append(r)
-        print(f"  {workload:10s} {path:22s} c={concurrency:<3d} {r.requests_per_s:9.0f} req/s "
-              f"{r.rows_per_s:11.0f} rows/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {err or ''}",
-              flush=True)
-
     print("in-process ONNX Runtime (the limit)")
     for workload, array in (("fraud-1", one), ("fraud-256", many)):
-        calls, p50 = in_process(fraud_path, "transactions", array, min(d, 3))
+        calls, p50 = in_process(fraud_path, "transactions", array, 3.0)
         rows = len(array)
         results.append(Result(workload, "in-process ORT", 1, rows, calls, calls * rows, p50, float("nan")))
         print(f"  {workload:10s} {calls:9.0f} calls/s {calls * rows:11.0f} rows/s  p50 {p50 * 1000:7.1f} µs")
 
-    fraud_cells = [("fraud-1", c, 1) for c in (1, 8, 32)] + [("fraud-256", 8, 256)]
     py = sys.executable
-    if "bare" not in args.skip:
-        # Plain asyncio, and uvloop: the loop Serve gives every replica, DeepServe's gateway included.
-        for label, flags in (("bare grpcio", []), ("bare grpcio + uvloop", ["--uvloop"])):
-            print(f"{label} + ONNX Runtime (no framework)")
-            for name, path in (("fraud-autoencoder", fraud_path), ("digit-classifier", digits_path)):
+    fraud_cells = [("fraud-1", payload["fraud-1"], 1, c) for c in (1, 8, 32)] + \
+        [("fraud-256", payload["fraud-256"], 256, 8), ("fraud-256 score", payload["fraud-256 score"], 256, 8)]
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {"DeepServe": deepserve_server(args.repo, Path(tmp))}
+        if "processes" not in args.skip:
+            servers["DeepServe, 1 process"] = deepserve_server(args.repo, Path(tmp), "deepserve-1", processes=1)
+        if "kserve" not in args.skip:
+            if KSERVE_PYTHON.exists():
                 port = free_port()
-                argv = [py, "loadtests/bench/bare_server.py", str(path), name, str(port), *flags]
-                with Server("bare", argv, port) as s:
-                    for workload, c, rows in (fraud_cells if name == "fraud-autoencoder" else [("digit-1", 64, 1)]):
-                        cell(workload, label, s.target, c, rows)
-    if "kserve" not in args.skip and KSERVE_PYTHON.exists():
-        print("KServe ModelServer (the peer)")
-        port = free_port()
-        with Server("kserve", [str(KSERVE_PYTHON), "loadtests/bench/kserve_server.py", str(fraud_path),
-                               "fraud-autoencoder", str(port)], port) as s:
-            for workload, c, rows in fraud_cells:
-                cell(workload, "KServe 0.21", s.target, c, rows)
-    elif "kserve" not in args.skip:
-        print(f"KServe: skipped ({KSERVE_PYTHON} missing; `make bench` installs it)")
-    if "deepserve" not in args.skip:
-        with tempfile.TemporaryDirectory() as tmp:
-            # (label, batching, metrics): the last two runs measure what batching and metrics give and cost.
-            for label, batching in (("DeepServe", True), ("DeepServe, no batching", False)):
-                print(label)
+                servers["KServe 0.21"] = Server("kserve", [str(KSERVE_PYTHON), "loadtests/bench/kserve_server.py",
+                                                           str(fraud_path), "fraud-autoencoder", str(port)], port)
+            else:
+                print(f"KServe: skipped ({KSERVE_PYTHON} missing; `make bench` installs it)")
+        if "bare" not in args.skip:
+            # Plain asyncio, and uvloop (the loop DeepServe's gateway workers run on).
+            for label, flags in (("bare grpcio", []), ("bare grpcio + uvloop", ["--uvloop"])):
                 port = free_port()
-                cmd = [py, "-m", "deepserve.cli", "serve", "--repo", str(args.repo), "--port", str(port),
-                       "--metrics-port", str(free_port()), "--config", str(deepserve_config(Path(tmp), batching)),
-                       "--models", "fraud-autoencoder", "digit-classifier"]
-                with Server("deepserve", cmd, port) as s:
-                    if batching:
-                        extra["cold_start_to_ready_s"] = s.ready_s
-                        for workload, c, rows in fraud_cells:
-                            cell(workload, label, s.target, c, rows)
-                        extra["stack_pss_mb_after_load"] = tree_pss_mb(s.proc.pid)
-                        print(f"  cold start to ready {s.ready_s:.1f} s; whole stack PSS "
-                              f"{extra['stack_pss_mb_after_load']:.0f} MB")
-                    cell("digit-1", label, s.target, 64, 1)
-            if "metrics" not in args.skip:
-                print("DeepServe with metrics on and off, interleaved")
-                extra.update(interleaved({"metrics_on": deepserve_server(args.repo, Path(tmp)),
-                                          "metrics_off": deepserve_server(args.repo, Path(tmp), metrics=False)},
-                                         payload["fraud-1"]))
-            if "kserve" not in args.skip and KSERVE_PYTHON.exists():
-                print("DeepServe and KServe, interleaved")
-                port = free_port()
-                kserve = Server("kserve", [str(KSERVE_PYTHON), "loadtests/bench/kserve_server.py", str(fraud_path),
-                                           "fraud-autoencoder", str(port)], port)
-                extra.update(interleaved({"deepserve": deepserve_server(args.repo, Path(tmp)), "kserve": kserve},
-                                         payload["fraud-1"]))
+                servers[label] = Server("bare", [py, "loadtests/bench/bare_server.py", str(fraud_path),
+                                                 "fraud-autoencoder", str(port), *flags], port)
+        print(f"fraud scoring, interleaved over {', '.join(servers)}")
+        with contextlib.ExitStack() as stack:
+            for s in servers.values():
+                stack.enter_context(s)
+            extra["cold_start_to_ready_s"] = servers["DeepServe"].ready_s
+            extra["stack_pss_mb_after_load"] = tree_pss_mb(servers["DeepServe"].proc.pid)
+            results += interleaved(servers, fraud_cells, args.rounds, args.slice)
+
+        if "batching" not in args.skip:
+            print("digit-classifier, batching on and off, interleaved")
+            pair = {"batching": deepserve_server(args.repo, Path(tmp), "batching-on"),
+                    "no batching": deepserve_server(args.repo, Path(tmp), "batching-off", batching=False)}
+            with contextlib.ExitStack() as stack:
+                for s in pair.values():
+                    stack.enter_context(s)
+                for run in range(1, args.batching_runs + 1):
+                    on, off = interleaved(pair, [("digit-1", payload["digit-1"], 1, 64)], args.rounds, args.slice)
+                    extra[f"digit-1 c64 run {run}: batching / no batching"] = on.requests_per_s / off.requests_per_s
+                    results += [_renamed(on, f"DeepServe (run {run})"),
+                                _renamed(off, f"DeepServe, no batching (run {run})")]
+
+        if "metrics" not in args.skip:
+            print("DeepServe with metrics on and off, interleaved")
+            pair = {"metrics on": deepserve_server(args.repo, Path(tmp), "metrics-on"),
+                    "metrics off": deepserve_server(args.repo, Path(tmp), "metrics-off", metrics=False)}
+            with contextlib.ExitStack() as stack:
+                for s in pair.values():
+                    stack.enter_context(s)
+                for r in interleaved(pair, [("fraud-1", payload["fraud-1"], 1, c) for c in (8, 32)],
+                                     args.rounds, args.slice):
+                    extra[f"{r.path} c{r.concurrency} req/s"] = r.requests_per_s
 
     report = ratios(results, extra)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"machine": machine, "duration_s": d, "results": [asdict(r) for r in results], "extra": extra,
-         "ratios": report}, indent=2, default=float))
-    md = markdown(results, extra, report, machine, d)
+        {"machine": machine, "rounds": args.rounds, "slice_s": args.slice, "results": [asdict(r) for r in results],
+         "extra": extra, "ratios": report}, indent=2, default=float))
+    md = markdown(results, extra, report, machine, args.rounds, args.slice)
     args.out.with_suffix(".md").write_text(md)
     print("\n" + md)
     return 0
+
+
+def _renamed(result: Result, path: str) -> Result:
+    return Result(**{**asdict(result), "path": path})
 
 
 def _find(results, workload, path, concurrency):
@@ -418,29 +424,31 @@ def ratios(results: list[Result], extra: dict) -> dict:
         if a and b and getattr(b, attr):
             out[key] = getattr(a, attr) / getattr(b, attr)
 
-    for c in (8, 32):
+    for c in (1, 8, 32):
         ds = _find(results, "fraud-1", "DeepServe", c)
-        ratio(f"fraud-1 c{c}: DeepServe / KServe", ds, _find(results, "fraud-1", "KServe 0.21", c))
-        ratio(f"fraud-1 c{c}: DeepServe / bare", ds, _find(results, "fraud-1", "bare grpcio", c))
-        ratio(f"fraud-1 c{c}: DeepServe / bare + uvloop", ds, _find(results, "fraud-1", "bare grpcio + uvloop", c))
+        for peer in ("KServe 0.21", "bare grpcio", "bare grpcio + uvloop", "DeepServe, 1 process"):
+            ratio(f"fraud-1 c{c}: DeepServe / {peer}", ds, _find(results, "fraud-1", peer, c))
     ds8 = _find(results, "fraud-1", "DeepServe", 8)
     if ds8:
         out["fraud-1 c8: DeepServe p99 ms"] = ds8.p99_ms
     ratio("fraud-256 c8: DeepServe rows/s / in-process", _find(results, "fraud-256", "DeepServe", 8),
           _find(results, "fraud-256", "in-process ORT", 1), "rows_per_s")
-    ratio("digit-1 c64: batching / no batching", _find(results, "digit-1", "DeepServe", 64),
-          _find(results, "digit-1", "DeepServe, no batching", 64))
+    ratio("fraud-256 score c8: DeepServe rows/s / in-process", _find(results, "fraud-256 score", "DeepServe", 8),
+          _find(results, "fraud-256", "in-process ORT", 1), "rows_per_s")
+    ratio("fraud-256 c8: DeepServe rows/s / KServe", _find(results, "fraud-256", "DeepServe", 8),
+          _find(results, "fraud-256", "KServe 0.21", 8), "rows_per_s")
+    out.update({k: v for k, v in extra.items() if "batching / no batching" in k})
     for c in (8, 32):
-        for a, b, label in (("metrics_on", "metrics_off", "metrics on / off"),
-                            ("deepserve", "kserve", "DeepServe / KServe")):
-            if f"{a}_c{c}_req_s" in extra and f"{b}_c{c}_req_s" in extra:
-                out[f"fraud-1 c{c}: {label} (interleaved)"] = extra[f"{a}_c{c}_req_s"] / extra[f"{b}_c{c}_req_s"]
+        on, off = extra.get(f"metrics on c{c} req/s"), extra.get(f"metrics off c{c} req/s")
+        if on and off:
+            out[f"fraud-1 c{c}: metrics on / off"] = on / off
     return out
 
 
-def markdown(results, extra, report, machine, duration) -> str:
+def markdown(results, extra, report, machine, rounds, slice_s) -> str:
     lines = [
-        f"Machine: {machine}. Each cell: {duration:g} s measured after 1.5 s warm-up, closed loop.",
+        f"Machine: {machine}. Interleaved: {rounds} rounds of {slice_s:g} s per server and cell "
+        "(0.5 s warm-up each), closed loop.",
         "",
         "| workload | path | concurrency | req/s | rows/s | p50 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -451,7 +459,8 @@ def markdown(results, extra, report, machine, duration) -> str:
     lines += ["", "| target | measured |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report.items()]
     for k, v in extra.items():
-        lines.append(f"| {k} | {v:.1f} |")
+        if k not in report:
+            lines.append(f"| {k} | {v:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -31,8 +31,10 @@ class OnnxModel(Model):
 
     def predict(self, payload: InferRequest, headers=None) -> InferResponse:
         feeds = {tensor.name: tensor.as_numpy() for tensor in payload.inputs}
+        # The outputs the request asked for (all when it names none), as Triton answers.
+        names = [o.name for o in getattr(payload, "request_outputs", None) or []] or self.output_names
         outputs = []
-        for name, array in zip(self.output_names, self.session.run(self.output_names, feeds)):
+        for name, array in zip(names, self.session.run(names, feeds)):
             out = InferOutput(name=name, shape=list(array.shape), datatype="FP32")
             out.set_data_from_numpy(array, binary_data=True)
             outputs.append(out)
