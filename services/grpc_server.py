@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from deepserve import codec, metrics, triton
 from deepserve.client import NODE_METADATA_KEY
@@ -28,7 +29,7 @@ from deepserve.errors import InvalidInput, ModelNotFound, Overloaded, to_status
 from deepserve.images import encode_png
 from deepserve.runtime import GenerationResult, GenerativeRuntime, RecommenderRuntime
 from deepserve.security import ServerSecurity
-from deepserve.wire import DecodeRequests
+from deepserve.wire import TolerantRegistry
 from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
 from deepserve.proto import inference_pb2 as oip
@@ -433,8 +434,9 @@ class GrpcServer:
         self.dataplane = dataplane
         self.security = security or ServerSecurity()
         # Beyond max_concurrent_rpcs, grpc.aio takes no new call until one ends.
-        # DecodeRequests comes last: only calls the token check let through are parsed.
-        self.server = grpc.aio.server(interceptors=(*self.security.interceptors, DecodeRequests()),
+        # Services register through TolerantRegistry (services/wire.py): a request that does not
+        # parse is INVALID_ARGUMENT. The token check, an interceptor, decides before any parsing.
+        self.server = grpc.aio.server(interceptors=self.security.interceptors,
                                       maximum_concurrent_rpcs=max_concurrent_rpcs, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -445,6 +447,7 @@ class GrpcServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ])
+        registry = TolerantRegistry(self.server)
         for add, servicer in (
             (oip_grpc.add_GRPCInferenceServiceServicer_to_server, InferenceServicer),
             (v1_grpc.add_FraudScoringServicer_to_server, FraudScoringServicer),
@@ -453,22 +456,20 @@ class GrpcServer:
             (v1_grpc.add_RecommenderServicer_to_server, RecommenderServicer),
             (v1_grpc.add_ModelsServicer_to_server, ModelsServicer),
         ):
-            add(servicer(dataplane, node), self.server)
+            add(servicer(dataplane, node), registry)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registry)
         self.reflection = reflection
         if reflection:
-            grpc_reflection.enable_server_reflection(
-                (*SERVICE_NAMES, "grpc.health.v1.Health", grpc_reflection.SERVICE_NAME), self.server,
-                pool=_reflection_pool(),
-            )
+            names = (*SERVICE_NAMES, "grpc.health.v1.Health", grpc_reflection.SERVICE_NAME)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                grpc_reflection.aio.ReflectionServicer(names, pool=_reflection_pool()), registry)
         self.address = f"{host}:{port}"
         self.port = self._bind(self.server, host, port, self.security.credentials, "grpc_port")
         self.health_server = None
         if health_port is not None:  # health alone, open: nothing else is served there
-            self.health_server = grpc.aio.server(interceptors=(DecodeRequests(),),
-                                                 options=[("grpc.so_reuseport", int(reuse_port))])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, TolerantRegistry(self.health_server))
             self.health_port = self._bind(self.health_server, host, health_port, None, "health_port")
 
     @staticmethod
