@@ -5,8 +5,9 @@ gRPC, raw tensors), one load generator for every server. Every server is up at o
 load alternates between them in short slices (``--rounds`` rounds of ``--slice`` seconds per
 cell): on a shared machine whose speed drifts by tens of percent within an hour, drift then
 hits every server alike, and their ratios hold. The load generator is closed-loop:
-``concurrency`` coroutines, spread over one or two processes, each sending pre-serialized
-requests back to back through grpc.aio with no protobuf work of its own.
+``concurrency`` coroutines, spread over one or two processes (up to four connections each),
+each sending pre-serialized requests back to back through grpc.aio with no protobuf work of
+its own.
 
     make bench                      # or: python loadtests/bench/bench.py --repo model-repository
 
@@ -37,6 +38,7 @@ import numpy as np
 PROJECT = Path(__file__).resolve().parents[2]
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 KSERVE_PYTHON = PROJECT / ".venv-kserve" / "bin" / "python"
+CONNECTIONS = 4  # per load process (two processes from concurrency 4): at most 8 in all
 
 
 # ---------------------------------------------------------------------------- load generator
@@ -48,10 +50,13 @@ def _load_process(target: str, payload: bytes, concurrency: int, warmup: float, 
     import grpc
 
     async def run():
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        # Several connections, as several client instances would open: one HTTP/2
-        # connection serializes on its own I/O.
-        channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, concurrency // 8))]
+        # Several connections, as several client instances would open: one HTTP/2 connection
+        # serializes on its own I/O, and a server with several processes on one port (DeepServe's
+        # gateway workers) spreads connections, not calls. A local subchannel pool per channel:
+        # channels to one target otherwise share one connection.
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(min(concurrency, CONNECTIONS))]
         calls = [c.unary_unary(METHOD) for c in channels]  # bytes in, bytes out: no client-side protobuf
         latencies: list[float] = []
         errors: dict[str, int] = {}
