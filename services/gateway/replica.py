@@ -333,14 +333,14 @@ class Gateway:
                          if e["placement"] == "deployment"}
         self.node = settings.node_name or ray.util.get_node_ip_address()
         self.drain_s = drain_seconds(settings)
+        self.port = claim_port(settings.grpc_host, settings.grpc_port, "grpc_port")
+        health_port = None if settings.health_port is None else \
+            claim_port(settings.grpc_host, settings.health_port, "health_port")
         self.workdir = tempfile.mkdtemp(prefix="deepserve-gateway-")  # mode 0700: this user's only
         relay_path = os.path.join(self.workdir, "relay.sock")
         self.relay = server(relay_path, RELAY, {"call": self._call, "counts": self._counts, "figures": self._figures},
                             {"generate": self._generate})
         await self.relay.start()
-        self.port = claim_port(settings.grpc_host, settings.grpc_port, "grpc_port")
-        health_port = None if settings.health_port is None else \
-            claim_port(settings.grpc_host, settings.health_port, "health_port")
         spec = {
             "parent_pid": os.getpid(), "repository": repository, "plan": plan,
             "options": {**options, "health_port": health_port}, "port": self.port, "node": self.node,
@@ -358,6 +358,7 @@ class Gateway:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self.requests_total = 0
+        self.stopping = False
         self._last_report = (time.monotonic(), 0)
         self.supervisor = asyncio.get_running_loop().create_task(self._supervise())
         log.warning("gateway listening on port %d with %d worker process(es): %s", self.port, count,
@@ -410,19 +411,24 @@ class Gateway:
     # ------------------------------------------------------------------ supervision
 
     async def _supervise(self) -> None:
-        """Each second: restart dead workers, collect every worker's metrics and load."""
+        """Each second: restart dead workers (each in a task of its own: a slow start holds up
+        nobody), collect every worker's metrics and load."""
+        restarting: dict[int, asyncio.Task] = {}
         while True:
             await asyncio.sleep(1.0)
             try:
                 for worker in self.workers:
-                    if not worker.alive:
-                        await self._restart(worker)
-                await asyncio.gather(*(self._collect(w) for w in self.workers if w.alive))
+                    task = restarting.get(worker.index)
+                    if not worker.alive and (task is None or task.done()):
+                        restarting[worker.index] = asyncio.get_running_loop().create_task(self._restart(worker))
+                await asyncio.gather(*(self._collect(w) for w in self.workers if w.alive and w.down_since is None))
                 metrics.get().refresh("gateway")
             except Exception:  # keep supervising whatever happens
                 log.exception("gateway supervision failed")
 
     async def _restart(self, worker: WorkerProcess) -> None:
+        if self.stopping:  # Serve is stopping this replica: a worker that exits is not replaced
+            return
         if worker.down_since is None:
             worker.down_since = time.monotonic()
             log.error("gateway worker %d (pid %d) exited with code %s: restarting it", worker.index, worker.pid,
@@ -494,6 +500,7 @@ class Gateway:
         if not workers:  # the constructor failed: nothing to drain
             return
         started = time.monotonic()
+        self.stopping = True
         self.supervisor.cancel()
         log.warning("gateway stopping: draining %d inference call(s) for up to %g s",
                     sum(w.in_flight for w in workers), self.drain_s)
