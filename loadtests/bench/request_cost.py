@@ -1,12 +1,16 @@
 """What one Open Inference Protocol request costs in DeepServe's own code, without gRPC.
 
-The servicer, the dataplane and the fraud model's session, in one process with no network:
+The servicer, the dataplane and a model's session, in one process with no network:
 microseconds per request for parse → ``ModelInfer`` → serialize, for the session's run alone,
 and for protobuf's parse and serialize alone; then the functions that take the time
 (cProfile). The rest of a served request's CPU is gRPC's (grpc.aio), which every Python
 server pays (docs/benchmarks.md, "Where the time goes").
 
+``--concurrency N`` keeps N requests in flight (batching can merge them), and ``--no-batching``
+runs one request per session run: what batching saves where gRPC costs nothing.
+
     .venv/bin/python loadtests/bench/request_cost.py [--rows 1] [--requests 20000] [--profile]
+    .venv/bin/python loadtests/bench/request_cost.py --model digit-classifier --concurrency 64 [--no-batching]
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import PROJECT, fraud_rows, infer_request  # noqa: E402 - the benchmark's payloads
+from bench import PROJECT, digit_images, fraud_rows, infer_request  # noqa: E402 - the benchmark's payloads
 
 
 class _Context:
@@ -39,7 +43,10 @@ class _Context:
 async def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repo", type=Path, default=PROJECT / "model-repository")
+    p.add_argument("--model", default="fraud-autoencoder", choices=["fraud-autoencoder", "digit-classifier"])
     p.add_argument("--rows", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight at once")
+    p.add_argument("--no-batching", action="store_true", help="one request per session run")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--outputs", nargs="*", default=[], help="ask for these outputs only (default: all)")
     p.add_argument("--profile", action="store_true", help="print the 20 functions that take the most time")
@@ -56,26 +63,33 @@ async def main(argv: list[str] | None = None) -> int:
     from deepserve.repository import ModelRepository
 
     repo = ModelRepository(args.repo)
-    entry = {"version": repo.latest_version("fraud-autoencoder"), "sha256": None, "intra_op_threads": 1,
-             "batching": {"max_batch_size": 64, "max_wait_s": 0.0, "max_queued": 2048}}
-    runtime = load_runtime(str(repo.root), "fraud-autoencoder", entry, 4096, "gateway")
-    model = ServedModel(runtime=runtime, backend=backend_for(runtime, entry["batching"]), ready=True,
-                        batching=BatchingConfig.from_dict(entry["batching"]))
+    # The shipped config's batching (deploy/serve_config.yaml), or none.
+    batching = {"max_batch_size": 64, "max_wait_s": 0.0, "max_queued": 2048, "enabled": not args.no_batching}
+    entry = {"version": repo.latest_version(args.model), "sha256": None, "intra_op_threads": 1, "batching": batching}
+    runtime = load_runtime(str(repo.root), args.model, entry, 4096, "gateway")
+    model = ServedModel(runtime=runtime, backend=backend_for(runtime, batching), ready=True,
+                        batching=BatchingConfig.from_dict(batching))
     servicer = InferenceServicer(DataPlane([model]), "bench")
-    rows = fraud_rows(args.rows)
-    raw = infer_request("fraud-autoencoder", "transactions", rows, tuple(args.outputs))
+    if args.model == "fraud-autoencoder":
+        input_name, rows = "transactions", fraud_rows(args.rows)
+    else:
+        input_name, rows = "images", digit_images(args.rows)
+    raw = infer_request(args.model, input_name, rows, tuple(args.outputs))
     context = _Context()
+
+    async def one() -> None:
+        response = await servicer.ModelInfer(oip.ModelInferRequest.FromString(raw), context)
+        response.SerializeToString()
 
     async def serve_all(n: int) -> float:
         started = time.perf_counter()
-        for _ in range(n):
-            response = await servicer.ModelInfer(oip.ModelInferRequest.FromString(raw), context)
-            response.SerializeToString()
-        return (time.perf_counter() - started) / n * 1e6
+        for _ in range(n // args.concurrency):
+            await asyncio.gather(*(one() for _ in range(args.concurrency)))
+        return (time.perf_counter() - started) / (n // args.concurrency * args.concurrency) * 1e6
 
     await serve_all(500)  # warm-up
     served = await serve_all(args.requests)
-    feeds = {"transactions": rows}
+    feeds = {input_name: rows}
     started = time.perf_counter()
     for _ in range(args.requests):
         runtime.session.run(None, feeds)
@@ -86,12 +100,14 @@ async def main(argv: list[str] | None = None) -> int:
         oip.ModelInferRequest.FromString(raw)
         response.SerializeToString()
     wire = (time.perf_counter() - started) / args.requests * 1e6
-    print(f"fraud, {args.rows} row(s) per request, outputs {args.outputs or 'all'}: "
-          f"{len(raw):,} bytes in, {response.ByteSize():,} out")
+    print(f"{args.model}, {args.rows} row(s) per request, outputs {args.outputs or 'all'}, concurrency "
+          f"{args.concurrency}, batching {'off' if args.no_batching else 'on'} (runs {'threaded' if model.backend.threaded else 'inline'}): "
+          f"{len(raw):,} bytes in, {response.ByteSize():,} out; batches of {model.backend.stats.requests / max(model.backend.stats.runs, 1):.1f} on average")
     print(f"  parse + ModelInfer + serialize   {served:7.1f} µs/request")
-    print(f"  of which session.run (alone)     {run:7.1f} µs")
+    print(f"  one session.run of this request  {run:7.1f} µs (alone, in this thread)")
     print(f"  of which protobuf parse+serialize {wire:6.1f} µs")
-    print(f"  DeepServe's own code             {served - run - wire:7.1f} µs")
+    if args.concurrency == 1:
+        print(f"  DeepServe's own code             {served - run - wire:7.1f} µs")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
