@@ -259,10 +259,11 @@ class DataPlane:
     ) -> tuple[ServedModel, dict[str, np.ndarray]]:
         """Open Inference Protocol inference: tensors in, the model's tensors out."""
         model = self.get(name, version)
-        served = {t.name for t in model.runtime.output_specs()}
-        unknown = [n for n in requested_outputs or [] if n not in served]
-        if unknown:
-            raise InvalidInput(f"model '{name}' has no output(s) {unknown}; outputs: {sorted(served)}")
+        if requested_outputs:
+            served = {t.name for t in model.runtime.output_specs()}
+            unknown = [n for n in requested_outputs if n not in served]
+            if unknown:
+                raise InvalidInput(f"model '{name}' has no output(s) {unknown}; outputs: {sorted(served)}")
         if isinstance(model.runtime, GenerativeRuntime):
             request = model.runtime.request_from_tensors(inputs, parameters or {})
             events = [e async for e in self._stream(model, request, remaining)]

@@ -162,7 +162,8 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         runtime = self.dataplane.get(request.model_name, request.model_version).runtime
         inputs = codec.decode_request_inputs(request, check=runtime.check_tensor)
         # Triton's reserved parameters: `timeout` (microseconds) is a server-side deadline.
-        parameters, timeout = codec.split_reserved(codec.parameters_to_dict(request.parameters))
+        parameters, timeout = (codec.split_reserved(codec.parameters_to_dict(request.parameters))
+                               if request.parameters else ({}, None))
         remaining = context.time_remaining()
         if timeout is not None:
             remaining = timeout if remaining is None else min(remaining, timeout)

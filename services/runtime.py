@@ -282,6 +282,8 @@ class AnomalyRuntime(Runtime):
         return value
 
     def postprocess(self, outputs, parameters):
+        if not parameters:  # the common case: the calibrated threshold
+            return {**outputs, "is_fraud": outputs["score"] > self.threshold}
         unknown = set(parameters) - {"threshold"}
         if unknown:
             raise InvalidInput(f"model '{self.name}' accepts the parameter 'threshold' only; got {sorted(unknown)}")

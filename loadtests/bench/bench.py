@@ -60,10 +60,13 @@ def _load_process(target: str, payload: bytes, concurrency: int, warmup: float, 
         calls = [c.unary_unary(METHOD) for c in channels]  # bytes in, bytes out: no client-side protobuf
         latencies: list[float] = []
         errors: dict[str, int] = {}
+        completed = 0  # answered OK, warm-up included (for CPU per request)
+        cpu_started = time.process_time()
         start = time.perf_counter()
         measure_from, end = start + warmup, start + warmup + duration
 
         async def loop(i: int) -> None:
+            nonlocal completed
             call = calls[i % len(calls)]
             while True:
                 t0 = time.perf_counter()
@@ -74,13 +77,14 @@ def _load_process(target: str, payload: bytes, concurrency: int, warmup: float, 
                 except grpc.aio.AioRpcError as e:
                     errors[e.code().name] = errors.get(e.code().name, 0) + 1
                     continue
+                completed += 1
                 if t0 >= measure_from:
                     latencies.append(time.perf_counter() - t0)
 
         await asyncio.gather(*(loop(i) for i in range(concurrency)))
         for c in channels:
             await c.close()
-        out.put((latencies, errors))
+        out.put((latencies, errors, completed, time.process_time() - cpu_started))
 
     asyncio.run(run())
 
@@ -96,11 +100,15 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: dict = field(default_factory=dict)
+    server_cpu_us: float = float("nan")  # the server's process tree, CPU time per answered request
+    client_cpu_us: float = float("nan")  # the load generator's, likewise
 
 
 def drive(target: str, payload: bytes, concurrency: int, duration: float, warmup: float = 1.5,
-          processes: int | None = None) -> tuple[np.ndarray, dict]:
-    """Closed-loop load: returns per-request latencies (s) measured after warm-up, and error counts."""
+          processes: int | None = None, totals: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Closed-loop load: returns per-request latencies (s) measured after warm-up, and error
+    counts. ``totals``, when given, gets ``completed`` (OK answers, warm-up included) and
+    ``client_cpu_s`` (the load processes' CPU time) added to it."""
     processes = processes or (1 if concurrency < 4 else 2)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -111,7 +119,10 @@ def drive(target: str, payload: bytes, concurrency: int, duration: float, warmup
         p.start()
     latencies, errors = [], {}
     for _ in procs:
-        lat, err = out.get(timeout=duration + warmup + 120)
+        lat, err, completed, cpu_s = out.get(timeout=duration + warmup + 120)
+        if totals is not None:
+            totals["completed"] = totals.get("completed", 0) + completed
+            totals["client_cpu_s"] = totals.get("client_cpu_s", 0.0) + cpu_s
         latencies += lat
         for k, v in err.items():
             errors[k] = errors.get(k, 0) + v
@@ -185,8 +196,8 @@ def wait_ready(target: str, timeout: float, proc: subprocess.Popen) -> float:
     raise TimeoutError(f"{target} not ready after {timeout:.0f} s")
 
 
-def tree_pss_mb(root_pid: int) -> float:
-    """Proportional set size of a process and all its descendants (shared pages split fairly)."""
+def _tree(root_pid: int) -> list[int]:
+    """A process and all its descendants."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -195,10 +206,30 @@ def tree_pss_mb(root_pid: int) -> float:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total_kb, todo = 0, [root_pid]
+    tree, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
+        tree.append(pid)
         todo += children.get(pid, [])
+    return tree
+
+
+def tree_cpu_s(root_pid: int) -> float:
+    """CPU time (user + system) of a process and all its living descendants."""
+    ticks = 0
+    for pid in _tree(root_pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_pss_mb(root_pid: int) -> float:
+    """Proportional set size of a process and all its descendants (shared pages split fairly)."""
+    total_kb = 0
+    for pid in _tree(root_pid):
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
@@ -268,17 +299,24 @@ def interleaved(servers: dict[str, "Server"], cells: list[tuple[str, bytes, int,
     for workload, payload, rows, c in cells:
         latencies = {name: [] for name in servers}
         errors: dict[str, dict] = {name: {} for name in servers}
+        totals = {name: {"server_cpu_s": 0.0} for name in servers}
         for _ in range(rounds):
             for name, s in servers.items():
-                lat, err = drive(s.target, payload, c, slice_s, warmup=0.5)
+                cpu_before = tree_cpu_s(s.proc.pid)
+                lat, err = drive(s.target, payload, c, slice_s, warmup=0.5, totals=totals[name])
+                totals[name]["server_cpu_s"] += tree_cpu_s(s.proc.pid) - cpu_before
                 latencies[name].append(lat)
                 for k, v in err.items():
                     errors[name][k] = errors[name].get(k, 0) + v
         for name in servers:
             r = summarize(workload, name, c, rows, np.concatenate(latencies[name]), errors[name], rounds * slice_s)
+            done = max(totals[name].get("completed", 0), 1)
+            r.server_cpu_us = totals[name]["server_cpu_s"] / done * 1e6
+            r.client_cpu_us = totals[name].get("client_cpu_s", 0.0) / done * 1e6
             results.append(r)
             print(f"  {workload:10s} {name:24s} c={c:<3d} {r.requests_per_s:9.0f} req/s {r.rows_per_s:11.0f} rows/s"
-                  f"  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  {r.errors or ''}", flush=True)
+                  f"  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms  CPU/request server {r.server_cpu_us:4.0f} µs"
+                  f" client {r.client_cpu_us:4.0f} µs  {r.errors or ''}", flush=True)
     return results
 
 
@@ -453,14 +491,16 @@ def ratios(results: list[Result], extra: dict) -> dict:
 def markdown(results, extra, report, machine, rounds, slice_s) -> str:
     lines = [
         f"Machine: {machine}. Interleaved: {rounds} rounds of {slice_s:g} s per server and cell "
-        "(0.5 s warm-up each), closed loop.",
+        "(0.5 s warm-up each), closed loop. CPU per request: the server's whole process tree (for "
+        "DeepServe: Ray's processes too) and the load generator's, over the slices, warm-up included.",
         "",
-        "| workload | path | concurrency | req/s | rows/s | p50 ms | p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | path | concurrency | req/s | rows/s | p50 ms | p99 ms | server CPU µs/req | client CPU µs/req | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(f"| {r.workload} | {r.path} | {r.concurrency} | {r.requests_per_s:,.0f} | {r.rows_per_s:,.0f} | "
-                     f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors or ''} |")
+                     f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.server_cpu_us:.0f} | {r.client_cpu_us:.0f} | "
+                     f"{r.errors or ''} |")
     lines += ["", "| target | measured |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report.items()]
     for k, v in extra.items():
