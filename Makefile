@@ -17,7 +17,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation overload fuzz protos protos-check k8s k8s-check clean distclean
+.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation bench-build overload fuzz protos protos-check k8s k8s-check clean distclean
 
 install: $(STAMP)
 
@@ -74,6 +74,12 @@ bench: models $(KSERVE_VENV)/.installed
 # Diffusion images/s at concurrency 1 and 16, with and without step batching.
 bench-generation: models
 	$(PY) loadtests/bench/generation.py --repo $(REPO)
+
+# Peak memory and time of `deepserve build --data` on generated transaction tables of BUILD_ROWS
+# rows (docs/benchmarks.md); the CSVs (about 2.7 GB at 10M rows) go to /tmp and are deleted after.
+BUILD_ROWS ?= 1000000 10000000
+bench-build: $(STAMP)
+	$(PY) loadtests/bench/build_memory.py --rows $(BUILD_ROWS)
 
 # Four times the capacity, open loop, against the shipped admission bounds: offered and admitted
 # rates, latencies against the unloaded ones, refusals and every other status code (docs/reliability.md).

@@ -17,6 +17,7 @@ Data comes from one of:
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +33,8 @@ TRANSACTION_COLUMNS = ["Time", *(f"V{i}" for i in range(1, 29)), "Amount"]
 LABEL_CANDIDATES = ("Class", "label", "target", "is_fraud", "anomaly")
 SECONDS_PER_DAY = 86_400.0
 MIN_STEPS = 2_000  # optimizer steps, whatever the table size
+MIN_NORMAL_ROWS = 10  # a table needs this many to train (60%), calibrate (20%) and evaluate (20%)
+SCORE_BATCH_ROWS = 65_536  # scoring a held-out split a batch at a time keeps its memory bounded
 
 # ---------------------------------------------------------------------------- synthetic data
 #
@@ -144,13 +147,24 @@ def generate_transactions(seed: int, cfg: SyntheticConfig | None = None) -> tupl
     return x[order], label[order], pattern[order]
 
 
-def write_csv(path: Path, x: np.ndarray, label: np.ndarray, columns=TRANSACTION_COLUMNS) -> None:
-    """Write a table in the repository schema (``Class`` as the label column)."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*columns, "Class"])
-        for row, y in zip(x, label):
-            w.writerow([*(f"{v:.6g}" for v in row), int(y)])
+def write_csv(path: Path, x: np.ndarray, label: np.ndarray, columns=TRANSACTION_COLUMNS,
+              append: bool = False) -> None:
+    """Write a table in the repository schema (``Class`` as the label column).
+
+    Args:
+        path: the CSV file.
+        x: (N, F) feature values, written with 6 significant digits.
+        label: (N,) 0/1 labels.
+        columns: the F feature names of the header row.
+        append: add the rows to an existing file, without a header (a table written in parts).
+    """
+    fmt = ",".join(["%.6g"] * x.shape[1] + ["%d"])
+    with open(path, "a" if append else "w") as f:
+        if not append:
+            f.write(",".join([*columns, "Class"]) + "\n")
+        for start in range(0, len(x), 65_536):  # bounded temporaries, whatever N
+            part = np.column_stack([x[start : start + 65_536], label[start : start + 65_536]])
+            np.savetxt(f, part, fmt=fmt)
 
 
 # ---------------------------------------------------------------------------- bring your own data
@@ -160,15 +174,43 @@ def write_csv(path: Path, x: np.ndarray, label: np.ndarray, columns=TRANSACTION_
 class Table:
     """A numeric table: features, their names, and an optional 0/1 label (1 = anomalous)."""
 
-    x: np.ndarray  # (N, F) float64
+    x: np.ndarray  # (N, F) float32
     columns: list[str]
-    label: np.ndarray | None
+    label: np.ndarray | None  # (N,) int64
     schema: str  # "transactions" (the public card schema) or "generic"
     source: str
 
 
+CSV_BLOCK_BYTES = 1 << 20  # pyarrow parses the file a block at a time (larger: slower, more memory)
+
+
+def _count_lines(path: Path) -> int:
+    """Newline-terminated lines, plus an unterminated last one: an upper bound on the rows."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(CSV_BLOCK_BYTES):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def _csv_error(path: Path, header: list[str], exc: Exception) -> ValueError:
+    """pyarrow's parse or conversion error, with the column's name instead of its index."""
+    message = str(exc)
+    # e.g. "In CSV column #2: CSV conversion error to float: invalid value 'oops'"
+    conversion = re.match(r"In CSV column #(\d+): CSV conversion error to \w+: (.*)", message, re.S)
+    if conversion is None:
+        return ValueError(f"{path}: malformed CSV ({message})")
+    j, what = int(conversion.group(1)), conversion.group(2)
+    name = header[j] if j < len(header) else f"#{j}"
+    return ValueError(f"{path}: every value must be numeric (column '{name}': {what})")
+
+
 def load_table(path: Path, label_column: str | None = None) -> Table:
     """Load a CSV: the transaction schema, or any numeric table.
+
+    The file is parsed by pyarrow a block at a time, straight into one preallocated
+    float32 (N, F) array: peak memory is that array plus a block, whatever N.
 
     Args:
         path: a CSV file with a header row.
@@ -177,31 +219,73 @@ def load_table(path: Path, label_column: str | None = None) -> Table:
             pick the normal training rows and for evaluation.
 
     Raises:
-        ValueError: a non-numeric or missing value, or a named label column not found.
+        ValueError: a non-numeric, missing, NaN or infinite value, a malformed row, a named
+            label column not found, or no data row.
     """
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
+        header = [h.strip() for h in next(csv.reader(f), [])]
+    if not header:
         raise ValueError(f"{path}: needs a header row and at least one data row")
-    header = [h.strip() for h in rows[0]]
     if label_column is None:
         label_column = next((c for c in LABEL_CANDIDATES if c in header), None)
     elif label_column not in header:
         raise ValueError(f"{path}: label column '{label_column}' not in header {header}")
+    j_label = None if label_column is None else header.index(label_column)
+    features = [j for j in range(len(header)) if j != j_label]
+    slot = {j: k for k, j in enumerate(features)}  # CSV column -> column of x
+
+    # Positional names: a header may repeat a name or hold one pyarrow would rewrite.
+    names = [f"c{j}" for j in range(len(header))]
+    types = {n: pa.float32() for n in names}
+    if j_label is not None:
+        types[names[j_label]] = pa.float64()  # exact: a label of 1e-50 is still nonzero
+    reader_options = pcsv.ReadOptions(column_names=names, skip_rows=1, block_size=CSV_BLOCK_BYTES)
+    # Only an empty cell is missing; "nan" and "inf" parse as floats and are refused below.
+    convert_options = pcsv.ConvertOptions(column_types=types, null_values=[""],
+                                          quoted_strings_can_be_null=True)
+
+    capacity = max(_count_lines(path) - 1, 0)
+    x = np.empty((capacity, len(features)), np.float32)  # (N, F), filled a block at a time
+    label = np.empty(capacity, np.int64) if j_label is not None else None
+    n = 0
     try:
-        data = np.array([[float(v) for v in r] for r in rows[1:] if r], dtype=np.float64)
-    except ValueError as exc:
-        raise ValueError(f"{path}: every value must be numeric ({exc})") from None
-    if not np.isfinite(data).all():
-        raise ValueError(f"{path}: contains NaN or infinite values")
-    label = None
-    if label_column is not None:
-        j = header.index(label_column)
-        label = (data[:, j] != 0).astype(np.int64)
-        data = np.delete(data, j, axis=1)
-        header.pop(j)
-    schema = "transactions" if header == TRANSACTION_COLUMNS else "generic"
-    return Table(x=data, columns=header, label=label, schema=schema, source=str(path))
+        reader = pcsv.open_csv(path, read_options=reader_options, convert_options=convert_options)
+        for batch in reader:
+            rows = batch.num_rows
+            if n + rows > capacity:  # only where lines end in a bare '\r'
+                capacity = max(2 * capacity, n + rows)
+                x.resize((capacity, len(features)), refcheck=False)
+                if label is not None:
+                    label.resize(capacity, refcheck=False)
+            for j, column in enumerate(batch.columns):
+                if column.null_count:
+                    row = n + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                    raise ValueError(f"{path}: missing value in column '{header[j]}', data row {row + 1}")
+                values = column.to_numpy()
+                if not np.isfinite(values).all():
+                    row = n + int(np.flatnonzero(~np.isfinite(values))[0])
+                    raise ValueError(f"{path}: contains NaN or infinite values "
+                                     f"(column '{header[j]}', data row {row + 1})")
+                if j == j_label:
+                    np.not_equal(values, 0, out=label[n : n + rows], casting="unsafe")
+                else:
+                    x[n : n + rows, slot[j]] = values
+            n += rows
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" not in str(exc):  # that one: a header and nothing else, said below
+            raise _csv_error(path, header, exc) from None
+    if n == 0:
+        raise ValueError(f"{path}: needs a header row and at least one data row")
+    if n < capacity:  # blank lines: give back the unused tail (a realloc, not a copy of N rows)
+        x.resize((n, len(features)), refcheck=False)
+        if label is not None:
+            label.resize(n, refcheck=False)
+    columns = [header[j] for j in features]
+    schema = "transactions" if columns == TRANSACTION_COLUMNS else "generic"
+    return Table(x=x, columns=columns, label=label, schema=schema, source=str(path))
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -311,9 +395,14 @@ class FraudAutoencoder(nn.Module):
 
 def train_autoencoder(x_train: np.ndarray, transforms: list[str], cfg: AutoencoderConfig,
                       seed: int, desc: str) -> FraudAutoencoder:
+    """Fit the standardization and the network on ``x_train`` (N, F), normal rows only.
+
+    The transformed rows (N, n features, float32) are held in memory for the whole run;
+    :func:`build` bounds N (``FraudBuildOptions.max_train_rows``).
+    """
     torch.manual_seed(seed)
     model = FraudAutoencoder(transforms, cfg)
-    xt = torch.from_numpy(x_train.astype(np.float32))
+    xt = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))  # no copy when float32
     model.pre.fit(xt)
     with torch.no_grad():
         z_all = model.pre(xt)
@@ -337,9 +426,27 @@ def train_autoencoder(x_train: np.ndarray, transforms: list[str], cfg: Autoencod
     return model.eval()
 
 
-def score(model: FraudAutoencoder, x: np.ndarray) -> np.ndarray:
+def score(model: FraudAutoencoder, x: np.ndarray, rows: np.ndarray | None = None,
+          batch_rows: int = SCORE_BATCH_ROWS) -> np.ndarray:
+    """Anomaly scores of ``x[rows]`` (every row when None), ``batch_rows`` at a time.
+
+    Args:
+        model: a trained autoencoder.
+        x: (N, F) raw rows.
+        rows: indices into ``x``; gathered a batch at a time, never all at once.
+        batch_rows: rows per forward pass: bounds the gathered rows and the activations.
+
+    Returns:
+        (len(rows),) float64 scores.
+    """
+    n = len(x) if rows is None else len(rows)
+    out = np.empty(n, np.float64)
     with torch.no_grad():
-        return model(torch.from_numpy(x.astype(np.float32)))[0].numpy().astype(np.float64)
+        for start in range(0, n, batch_rows):
+            part = x[start : start + batch_rows] if rows is None else x[rows[start : start + batch_rows]]
+            batch = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))  # (B, F)
+            out[start : start + len(batch)] = model(batch)[0].numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -403,7 +510,10 @@ def _write_card(directory: Path, manifest: Manifest) -> None:
     text = card_header(manifest) + (
         "## Data\n\n"
         f"{td['description']}\n\n"
-        f"Training rows (normal only): {td['train_rows']}; calibration rows (normal): "
+        f"Training rows (normal only): {td['train_rows']}"
+        + (f" (the network fitted on a seeded random {td['fit_rows']} of them)"
+           if td.get("fit_rows", td["train_rows"]) < td["train_rows"] else "")
+        + "; calibration rows (normal): "
         f"{td['calibration_rows']}; evaluation rows: {m['eval_normal_rows']} normal, "
         f"{m['eval_anomalous_rows']} anomalous.\n\n"
         "## Results on held-out data\n\n"
@@ -438,6 +548,10 @@ class FraudBuildOptions:
     label_column: str | None = None
     fpr: float = 0.01
     config: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    # The network trains on at most this many of the training split's rows (a seeded
+    # random sample: the split is shuffled), which bounds training time and memory on a
+    # large table. The default synthetic table (71,640 training rows) is far below it.
+    max_train_rows: int = 1_000_000
 
 
 def split_rows(label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -462,8 +576,8 @@ def build(repo: Path, seed: int, options: FraudBuildOptions | None = None) -> Pa
     if opts.data is None:
         synth = SyntheticConfig()
         x, label, pattern = generate_transactions(seed, synth)
-        table = Table(x=x, columns=list(TRANSACTION_COLUMNS), label=label, schema="transactions",
-                      source="synthetic")
+        table = Table(x=x.astype(np.float32), columns=list(TRANSACTION_COLUMNS), label=label,
+                      schema="transactions", source="synthetic")
         description = (
             f"Synthetic card transactions from deepserve.models.fraud.generate_transactions "
             f"(seed {seed}, {synth.n_rows} rows over {synth.days:g} days, fraud rate "
@@ -478,23 +592,28 @@ def build(repo: Path, seed: int, options: FraudBuildOptions | None = None) -> Pa
         )
     label = table.label if table.label is not None else np.zeros(len(table.x), np.int64)
     tr, cal, ev_rows = split_rows(label, seed)
+    normal_rows = len(label) - int(np.count_nonzero(label))
+    if normal_rows < MIN_NORMAL_ROWS:
+        raise ValueError(f"{table.source}: {normal_rows} normal (label 0) row(s); training, "
+                         f"calibration and evaluation need at least {MIN_NORMAL_ROWS}")
+    fit_rows = tr[: opts.max_train_rows]  # tr is in shuffled order: a seeded random sample
     transforms = feature_transforms(table.columns, table.schema)
     # Small tables get more passes: at least MIN_STEPS optimizer steps in all.
-    steps_per_epoch = int(np.ceil(len(tr) / opts.config.batch_size))
+    steps_per_epoch = int(np.ceil(len(fit_rows) / opts.config.batch_size))
     epochs = max(opts.config.epochs, int(np.ceil(MIN_STEPS / steps_per_epoch)))
     cfg = replace(opts.config, fpr=opts.fpr, epochs=epochs)
-    model = train_autoencoder(table.x[tr], transforms, cfg, seed, desc=f"train {opts.name}")
+    model = train_autoencoder(table.x[fit_rows], transforms, cfg, seed, desc=f"train {opts.name}")
 
-    threshold = calibrate_threshold(score(model, table.x[cal]), opts.fpr)
+    threshold = calibrate_threshold(score(model, table.x, cal), opts.fpr)
     if label.any():
-        metrics = evaluate(score(model, table.x[ev_rows]), label[ev_rows], threshold,
+        metrics = evaluate(score(model, table.x, ev_rows), label[ev_rows], threshold,
                            None if pattern is None else pattern[ev_rows])
     else:  # unlabelled: only the false-positive rate on held-out rows can be measured
-        flagged = score(model, table.x[ev_rows]) > threshold
+        flagged = score(model, table.x, ev_rows) > threshold
         metrics = {"false_positive_rate_at_threshold": float(flagged.mean()),
                    "eval_normal_rows": int(len(ev_rows)), "eval_anomalous_rows": 0}
 
-    example = torch.from_numpy(table.x[ev_rows[:: max(1, len(ev_rows) // 256)]].astype(np.float32))
+    example = torch.from_numpy(table.x[ev_rows[:: max(1, len(ev_rows) // 256)]])  # (≤256, F) float32
     spec = ExportSpec(
         name=opts.name,
         kind="anomaly",
@@ -518,6 +637,7 @@ def build(repo: Path, seed: int, options: FraudBuildOptions | None = None) -> Pa
             "schema": table.schema,
             "source": table.source,
             "train_rows": int(len(tr)),
+            "fit_rows": int(len(fit_rows)),
             "calibration_rows": int(len(cal)),
             "split_seed": seed,
             "label_use": "evaluation only; training and calibration use normal rows",
