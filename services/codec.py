@@ -341,7 +341,9 @@ def _encoded(name: str, array: np.ndarray) -> tuple[str, bytes]:
     datatype = numpy_to_datatype(array.dtype)
     if datatype == "BYTES":
         return datatype, _encode_bytes(name, array)
-    return datatype, np.ascontiguousarray(array, dtype=DATATYPE_TO_NUMPY[datatype]).tobytes()
+    wire = DATATYPE_TO_NUMPY[datatype]
+    # tobytes() writes C order whatever the layout: only another byte order needs a conversion.
+    return datatype, (array if array.dtype == wire else array.astype(wire)).tobytes()
 
 
 def _encode_bytes(name: str, array: np.ndarray) -> bytes:
