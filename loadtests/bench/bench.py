@@ -320,6 +320,15 @@ def interleaved(servers: dict[str, "Server"], cells: list[tuple[str, bytes, int,
     return results
 
 
+@contextlib.contextmanager
+def running(servers: dict[str, "Server"]):
+    """Every server up (each ready) for the block, then stopped."""
+    with contextlib.ExitStack() as stack:
+        for s in servers.values():
+            stack.enter_context(s)
+        yield servers
+
+
 def deepserve_server(repo: Path, tmp: Path, name: str = "deepserve", metrics: bool = True, processes: int = 0,
                      batching: bool = True) -> "Server":
     port = free_port()
@@ -408,9 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 servers[label] = Server("bare", [py, "loadtests/bench/bare_server.py", str(fraud_path),
                                                  "fraud-autoencoder", str(port), *flags], port)
         print(f"fraud scoring, interleaved over {', '.join(servers)}")
-        with contextlib.ExitStack() as stack:
-            for s in servers.values():
-                stack.enter_context(s)
+        with running(servers):
             extra["cold_start_to_ready_s"] = servers["DeepServe"].ready_s
             extra["stack_pss_mb_after_load"] = tree_pss_mb(servers["DeepServe"].proc.pid)
             results += interleaved(servers, fraud_cells, args.rounds, args.slice)
@@ -419,9 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             print("digit-classifier, batching on and off, interleaved")
             pair = {"batching": deepserve_server(args.repo, Path(tmp), "batching-on"),
                     "no batching": deepserve_server(args.repo, Path(tmp), "batching-off", batching=False)}
-            with contextlib.ExitStack() as stack:
-                for s in pair.values():
-                    stack.enter_context(s)
+            with running(pair):
                 for run in range(1, args.batching_runs + 1):
                     on, off = interleaved(pair, [("digit-1", payload["digit-1"], 1, 64)], args.rounds, args.slice)
                     extra[f"digit-1 c64 run {run}: batching / no batching"] = on.requests_per_s / off.requests_per_s
@@ -432,9 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             print("DeepServe with metrics on and off, interleaved")
             pair = {"metrics on": deepserve_server(args.repo, Path(tmp), "metrics-on"),
                     "metrics off": deepserve_server(args.repo, Path(tmp), "metrics-off", metrics=False)}
-            with contextlib.ExitStack() as stack:
-                for s in pair.values():
-                    stack.enter_context(s)
+            with running(pair):
                 for r in interleaved(pair, [("fraud-1", payload["fraud-1"], 1, c) for c in (8, 32)],
                                      args.rounds, args.slice):
                     extra[f"{r.path} c{r.concurrency} req/s"] = r.requests_per_s
