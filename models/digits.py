@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepserve.drift import Reference
 from deepserve.models import attacks
 from deepserve.models.common import ExportSpec, card_header, export_and_publish, progress, seed_everything
 from deepserve.repository import Manifest
@@ -710,6 +711,10 @@ def build(repo: Path, seed: int, names: list[str]) -> list[Path]:
         robust = name == ROBUST
         net, cfg = nets[name], configs[name]
         metrics, report, seconds = evaluated[name]
+        with torch.no_grad():  # what the served graph computes: float32 probabilities, (B, 10)
+            probabilities = ExportedClassifier(net).eval()(torch.from_numpy(split.x_test))[0].numpy()
+        # What live confidences drift from: the top-class probability on the held-out images.
+        reference = Reference.fit(probabilities.max(axis=1), "confidence")
         training_data = {
             "description": "scikit-learn's bundled 8x8 handwritten digits (1,797 images, "
                            "UCI optdigits test set), split 80/20 stratified by class."
@@ -765,6 +770,7 @@ def build(repo: Path, seed: int, names: list[str]) -> list[Path]:
                                 for peer in evaluated if peer != name},
                 },
                 "config": asdict(cfg),
+                **reference.to_extra(),
                 **({"adversarial": {**asdict(adv), **selection}} if robust else {}),
             },
             write_card=_write_card,

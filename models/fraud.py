@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepserve.drift import Reference
 from deepserve.models.common import ExportSpec, card_header, export_and_publish, progress, seed_everything
 from deepserve.repository import Manifest
 
@@ -492,17 +493,19 @@ def _write_card(directory: Path, manifest: Manifest) -> None:
     import matplotlib.pyplot as plt
 
     m = manifest.metrics
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ax.plot(m["roc_curve"]["fpr"], m["roc_curve"]["tpr"], label=f"AUC {m['roc_auc']:.3f}")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    op = m["false_positive_rate_at_threshold"], m["recall_at_threshold"]
-    ax.scatter(*op, color="red", zorder=3, label=f"threshold: FPR {op[0]:.3f}, recall {op[1]:.3f}")
-    ax.set(xlabel="false-positive rate", ylabel="recall", title=f"{manifest.name}: ROC (held-out)")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(directory / "roc.png", dpi=110)
-    plt.close(fig)
+    labelled = "roc_curve" in m  # an unlabelled table (or one without anomalies) has no ROC
+    if labelled:
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        ax.plot(m["roc_curve"]["fpr"], m["roc_curve"]["tpr"], label=f"AUC {m['roc_auc']:.3f}")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        op = m["false_positive_rate_at_threshold"], m["recall_at_threshold"]
+        ax.scatter(*op, color="red", zorder=3, label=f"threshold: FPR {op[0]:.3f}, recall {op[1]:.3f}")
+        ax.set(xlabel="false-positive rate", ylabel="recall", title=f"{manifest.name}: ROC (held-out)")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(directory / "roc.png", dpi=110)
+        plt.close(fig)
 
     by_pattern = m.get("recall_by_pattern", {})
     pattern_rows = "".join(f"| {p} | {r:.3f} |\n" for p, r in by_pattern.items())
@@ -518,15 +521,17 @@ def _write_card(directory: Path, manifest: Manifest) -> None:
         f"{m['eval_anomalous_rows']} anomalous.\n\n"
         "## Results on held-out data\n\n"
         f"| metric | value |\n|---|---|\n"
-        f"| ROC-AUC | {m['roc_auc']:.4f} |\n"
-        f"| average precision | {m['average_precision']:.4f} |\n"
-        f"| threshold (calibrated at FPR {manifest.extra['target_fpr']}) | {manifest.threshold:.5g} |\n"
-        f"| recall at threshold | {m['recall_at_threshold']:.4f} |\n"
-        f"| false-positive rate at threshold | {m['false_positive_rate_at_threshold']:.4f} |\n"
-        f"| precision at threshold | {m['precision_at_threshold']:.4f} |\n\n"
+        + (f"| ROC-AUC | {m['roc_auc']:.4f} |\n"
+           f"| average precision | {m['average_precision']:.4f} |\n" if labelled else "")
+        + f"| threshold (calibrated at FPR {manifest.extra['target_fpr']}) | {manifest.threshold:.5g} |\n"
+        + (f"| recall at threshold | {m['recall_at_threshold']:.4f} |\n" if labelled else "")
+        + f"| false-positive rate at threshold | {m['false_positive_rate_at_threshold']:.4f} |\n"
+        + (f"| precision at threshold | {m['precision_at_threshold']:.4f} |\n" if labelled else "")
+        + "\n"
         + (("| fraud pattern | recall at threshold |\n|---|---|\n" + pattern_rows + "\n") if pattern_rows else "")
-        + "![ROC curve](roc.png)\n\n"
-        "## How to read a score\n\n"
+        + ("![ROC curve](roc.png)\n\n" if labelled else
+           "No labelled anomalies among the held-out rows: only the false-positive rate is measured.\n\n")
+        + "## How to read a score\n\n"
         "`score` is the mean squared reconstruction error over standardized features; a row is "
         "flagged when it exceeds the threshold. `feature_errors` says which columns the model "
         "could not reconstruct: the largest are the explanation to show an analyst.\n\n"
@@ -604,7 +609,8 @@ def build(repo: Path, seed: int, options: FraudBuildOptions | None = None) -> Pa
     cfg = replace(opts.config, fpr=opts.fpr, epochs=epochs)
     model = train_autoencoder(table.x[fit_rows], transforms, cfg, seed, desc=f"train {opts.name}")
 
-    threshold = calibrate_threshold(score(model, table.x, cal), opts.fpr)
+    cal_scores = score(model, table.x, cal)
+    threshold = calibrate_threshold(cal_scores, opts.fpr)
     if label.any():
         metrics = evaluate(score(model, table.x, ev_rows), label[ev_rows], threshold,
                            None if pattern is None else pattern[ev_rows])
@@ -650,6 +656,8 @@ def build(repo: Path, seed: int, options: FraudBuildOptions | None = None) -> Pa
             "target_fpr": opts.fpr,
             "score_direction": "higher is more anomalous; flagged when score > threshold",
             "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+            # What live scores drift from: the held-out normal rows' scores (the calibration split).
+            **Reference.fit(cal_scores, "score").to_extra(),
         },
         write_card=_write_card,
     )

@@ -95,6 +95,12 @@ class Admission:
                 f"the gateway is overloaded (its calls wait {self.lag.lag_s * 1000:.0f} ms to start); "
                 "retry with backoff", retry_after_s=self.retry_after_s())
 
+    def busy(self) -> bool:
+        """Half way to a bound (loop lag, or rows in flight): optional work (shadow requests)
+        is shed before any request has to be refused."""
+        return (bool(self.max_loop_lag_s) and self.lag.lag_s > self.max_loop_lag_s / 2
+                or self.rows_in_flight > self.max_rows_in_flight // 2)
+
     def admit(self, name: str, in_flight: int, max_in_flight: int, rows: int) -> None:
         """Refuse a request for model ``name`` that would exceed its in-flight bound or the
         gateway's rows; on success the caller must :meth:`release` ``rows``."""

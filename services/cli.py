@@ -1,8 +1,10 @@
 """The ``deepserve`` command line.
 
 ``deepserve build`` trains and exports models into a model repository (needs the
-``train`` extra); ``deepserve models`` lists what a repository holds; ``deepserve serve``
-serves it on Ray Serve; ``deepserve score`` and ``deepserve classify`` call a server.
+``train`` extra); ``deepserve models`` lists what a repository holds (``--live``: what a
+server serves); ``deepserve serve`` serves it on Ray Serve; ``deepserve rollout`` and
+``deepserve rollback`` change which version answers (:mod:`deepserve.rollout`);
+``deepserve score``, ``classify``, ``generate`` and ``recommend`` call a server.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from deepserve import rollout
 from deepserve.errors import DeepServeError
 from deepserve.repository import ModelRepository, default_location, default_root
 
@@ -102,6 +105,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    if args.live:
+        return rollout.live(args)
     repo = ModelRepository(args.repo)
     try:
         names = repo.model_names()
@@ -117,11 +122,24 @@ def _models(args: argparse.Namespace) -> int:
             try:
                 model = repo.get(name, version)  # a remote repository: fetches the manifest,
                 kind = model.manifest.kind
-                model.read_model_bytes()  # and the model file unless the cached copy matches
+                model.read_model_bytes()  # and the model file unless the cached copy matches,
+                model.read_files()  # and its sidecar files likewise
             except DeepServeError as exc:
                 state = f"REFUSED: {exc}"
             print(f"{name:26s} v{version:4s} {kind:11s} {state}")
+        routing = _routing(repo, name)
+        if routing:
+            print(f"{'':26s} routing.json: {routing}")
     return 0
+
+
+def _routing(repo: ModelRepository, name: str) -> str:
+    """The route ``deepserve rollout`` set for the model, as one line ('' when none)."""
+    try:
+        routing = repo.routing(name)
+    except (DeepServeError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    return json.dumps(routing["route"]) if routing and "route" in routing else ""
 
 
 def default_config() -> Path:
@@ -378,7 +396,12 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the models in a repository and verify their files")
     m.add_argument("--repo", default=default_location(),
                    help="model repository: a directory or a URI (http://, s3://, ...; see docs/model-repository.md)")
+    m.add_argument("--live", action="store_true", help="what a running server serves: every version, "
+                   "its role (default, canary, shadow, standby) and readiness")
+    m.add_argument("--target", help="server address for --live (default 127.0.0.1:$DEEPSERVE_GRPC_PORT or :9000)")
+    _connection_options(m)
     m.set_defaults(func=_models)
+    rollout.add_commands(sub, _connection_options)
 
     s = sub.add_parser("serve", help="serve the repository on Ray Serve over gRPC (port 9000)")
     s.add_argument("--repo", default=str(default_root()),

@@ -40,6 +40,7 @@ from deepserve.proto import inference_pb2_grpc as oip_grpc
 
 
 NODE_METADATA_KEY = "deepserve-node"  # trailing metadata of every answer: the node that gave it
+REQUEST_KEY_HEADER = "x-request-key"  # call metadata that keeps a canary split sticky (docs/lifecycle.md)
 
 # gRPC's service config: round robin over every address of the target, and retries of
 # calls that failed without an answer (every DeepServe call is free of side effects). A retry
@@ -160,6 +161,11 @@ def open_channel(target: str, *, tls: bool = False, tls_ca: PathOrPem | None = N
     return channel
 
 
+def _keyed(request_key: str | None):
+    """Call metadata carrying a request key (``x-request-key``), or none."""
+    return None if request_key is None else ((REQUEST_KEY_HEADER, request_key),)
+
+
 class DeepServeClient:
     """The typed API's calls on one channel (:func:`open_channel`: its TLS, token and
     ``wait_for_ready`` arguments are this constructor's keyword arguments)."""
@@ -212,21 +218,26 @@ class DeepServeClient:
         model: str = "",
         threshold: float | None = None,
         top_features: int | None = None,
+        version: str = "",
+        request_key: str | None = None,
     ) -> v1.ScoreResponse:
         """Score transactions given as rows in schema order, or as ``{column: value}`` dicts;
-        ``top_features``: features explaining each score (None: the server's 3; 0: none)."""
+        ``top_features``: features explaining each score (None: the server's 3; 0: none).
+        ``version`` empty: the model's route; ``request_key`` (a customer or account id, say)
+        keeps a canary split sticky (docs/lifecycle.md)."""
         items = []
         for t in transactions:
             items.append(v1.Transaction(named=t) if isinstance(t, dict) else v1.Transaction(features=list(t)))
-        request = v1.ScoreRequest(model=model, transactions=items)
+        request = v1.ScoreRequest(model=model, version=version, transactions=items)
         if threshold is not None:
             request.threshold = threshold
         if top_features is not None:
             request.top_features = top_features
-        return self.fraud.Score(request, timeout=self.timeout)
+        return self.fraud.Score(request, timeout=self.timeout, metadata=_keyed(request_key))
 
     def classify(
-        self, images: Iterable[np.ndarray | bytes], top_k: int = 3, model: str = ""
+        self, images: Iterable[np.ndarray | bytes], top_k: int = 3, model: str = "", version: str = "",
+        request_key: str | None = None,
     ) -> v1.ClassifyResponse:
         """Classify images given as [0, 1] pixel arrays or as PNG file bytes."""
         items = [
@@ -234,8 +245,8 @@ class DeepServeClient:
             for i in images
         ]
         return self.classifier.Classify(
-            v1.ClassifyRequest(model=model, images=items, top_k=top_k), timeout=self.timeout
-        )
+            v1.ClassifyRequest(model=model, version=version, images=items, top_k=top_k), timeout=self.timeout,
+            metadata=_keyed(request_key))
 
     @staticmethod
     def generate_request(

@@ -9,11 +9,13 @@ same way; batching is :class:`~deepserve.batching.BatchingConfig`.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deepserve.batching import BatchingConfig
+from deepserve.lifecycle import Route, VersionPolicy
 
 
 class ModelOptions(BaseModel):
@@ -30,10 +32,34 @@ class ModelOptions(BaseModel):
     intra_op_threads: int = Field(default=1, ge=1, le=256)
     """ONNX Runtime threads per session run."""
 
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | dict[str, str] | None = None
     """The model file's digest, pinned: a manifest that says otherwise is refused, so that
     whoever can rewrite the repository cannot swap a model by rewriting the file and its
-    manifest together (docs/security.md)."""
+    manifest together (docs/security.md). One digest pins the version served at deploy time;
+    a mapping ``{version: digest}`` pins each version, and a version it does not name is
+    refused (a new version needs a config change)."""
+
+    versions: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=1))
+    """Which versions are served (docs/lifecycle.md): ``{latest: N}``, ``{specific: [..]}``
+    or ``{all: true}``."""
+
+    route: Route = Field(default_factory=Route)
+    """The starting route: ``default`` version, ``canary`` and ``shadow`` (the model's
+    ``routing.json``, written by ``deepserve rollout``, wins over it)."""
+
+    @field_validator("sha256")
+    @classmethod
+    def _digests(cls, value):
+        digests = [value] if isinstance(value, str) else list((value or {}).values())
+        keys = [] if isinstance(value, str) or value is None else list(value)
+        if any(not _DIGEST.match(d) for d in digests):
+            raise ValueError("a sha256 digest is 64 lowercase hex digits")
+        if any(not (k.isascii() and k.isdigit()) for k in keys):
+            raise ValueError(f"pinned versions are integers, got {keys}")
+        return value
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def model_options(models: dict[str, Any]) -> dict[str, ModelOptions]:

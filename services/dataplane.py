@@ -17,10 +17,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 import numpy as np
 
 from deepserve import __version__, metrics
+from deepserve import lifecycle
 from deepserve.admission import Admission
 from deepserve.batching import BatchingConfig
+from deepserve.drift import DriftMonitor, Reference
 from deepserve.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, Overloaded
 from deepserve.images import Offloaded
+from deepserve.lifecycle import Plan, mirrored, pick
 from deepserve.runtime import (
     AnomalyResult,
     AnomalyRuntime,
@@ -67,6 +70,7 @@ class ServedModel:
     replica_info: dict[str, Any] = field(default_factory=dict)
     in_flight: int = 0
     failed_probes: int = 0  # readiness probes failed in a row
+    drift: DriftMonitor | None = None  # live outputs against the training distribution
 
     @property
     def provider(self) -> str:
@@ -80,7 +84,8 @@ class DataPlane:
                  repository: dict[str, list[str]] | None = None,
                  replica_counts: Callable[[], Awaitable[dict[str, int]]] | None = None,
                  admission: Admission | None = None,
-                 gateway_report: Callable[[], Awaitable[tuple[Statistics, dict[str, dict]]]] | None = None):
+                 gateway_report: Callable[[], Awaitable[tuple[Statistics, dict[tuple[str, str], dict]]]] | None = None,
+                 plans: dict[str, Plan] | None = None, shadow_in_flight: int = 16):
         """
         Args:
             models: the served models.
@@ -92,10 +97,18 @@ class DataPlane:
             admission: the bounds on what is in flight (:mod:`deepserve.admission`).
             gateway_report: the statistics and model reports of the whole gateway, when this
                 dataplane is one of its worker processes (default: this dataplane's own).
+            plans: each model's versions and routing (:mod:`deepserve.lifecycle`); default:
+                the versions given, the newest the default.
+            shadow_in_flight: the most shadow requests in flight (mirroring is shed beyond it).
         """
-        self.models = {m.runtime.name: m for m in models}
+        self.versions: dict[str, dict[str, ServedModel]] = {}  # model -> version -> served
+        for m in models:
+            self.versions.setdefault(m.runtime.name, {})[m.runtime.version] = m
+            self._adopt(m)
+        self.plans = plans or {name: Plan(tuple(sorted(vs, key=int)), max(vs, key=int))
+                               for name, vs in self.versions.items()}
         self.default_timeout_s = default_timeout_s
-        self.repository = repository or {n: [m.runtime.version] for n, m in self.models.items()}
+        self.repository = repository or {n: sorted(vs, key=int) for n, vs in self.versions.items()}
         self._replica_counts = replica_counts
         self.requests_total = 0  # inference requests that reached a model (for autoscaling)
         self.metrics = metrics.get()
@@ -103,6 +116,49 @@ class DataPlane:
         self.offload = Offloaded()  # PNG decoding and encoding, off the event loop
         self.admission = admission or Admission()
         self._gateway_report = gateway_report
+        self.shadow_in_flight = shadow_in_flight
+        self.shadows: set[asyncio.Task] = set()  # mirrored requests in flight
+        self.comparisons: dict[tuple[str, str, str], Any] = {}  # (model, live, candidate) -> comparator
+
+    # ------------------------------------------------------------------ versions (docs/lifecycle.md)
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """Each model's default version."""
+        return {name: self.versions[name][p.default] for name, p in self.plans.items()}
+
+    def served(self) -> list[ServedModel]:
+        """Every served version of every model."""
+        return [m for versions in self.versions.values() for m in versions.values()]
+
+    def _adopt(self, model: ServedModel) -> None:
+        reference = Reference.from_extra(model.runtime.manifest.extra)
+        if reference is not None and model.drift is None:
+            model.drift = DriftMonitor(reference)
+
+    def update(self, name: str, plan: Plan, added: list[ServedModel]) -> list[ServedModel]:
+        """Serve ``name`` by its new ``plan``: ``added`` (new versions, ready to compute) join,
+        the routing switches at once, and versions the plan no longer names leave.
+
+        Returns:
+            the versions that left: requests already on them finish; the caller closes their
+            backends once ``in_flight`` is 0.
+        """
+        versions = dict(self.versions[name])
+        for model in added:
+            versions[model.runtime.version] = model
+            self._adopt(model)
+        missing = [v for v in plan.versions if v not in versions]
+        if missing:
+            raise ValueError(f"model '{name}': versions {missing} of the plan are not loaded")
+        retired = [versions.pop(v) for v in list(versions) if v not in plan.versions]
+        self.versions[name], self.plans[name] = versions, plan  # one step: no request sees half
+        for key in [k for k in self.comparisons if k[0] == name and (k[1], k[2]) != (plan.default, plan.shadow)]:
+            del self.comparisons[key]
+            self.metrics.divergence(*key, {})  # the comparison ended: its series go
+        for model in retired:
+            self.metrics.drift(name, model.runtime.version, None)
+        return retired
 
     # ------------------------------------------------------------------ health
 
@@ -110,27 +166,44 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return bool(self.models) and all(m.ready for m in self.models.values())
+        """Every model's default version is ready."""
+        return bool(self.plans) and all(m.ready for m in self.models.values())
 
     def get(self, name: str, version: str = "") -> ServedModel:
-        """The served model ``name``; ``version`` empty means whatever is served.
+        """The served model ``name`` at ``version``; empty: its default version.
 
         Raises:
-            ModelNotFound: unknown name, or a version other than the served one.
+            ModelNotFound: unknown name, or a version that is not served.
         """
-        model = self.models.get(name)
+        versions = self.versions.get(name)
+        if versions is None:
+            raise ModelNotFound(f"model '{name}' is not served; served models: {sorted(self.versions)}")
+        model = versions.get(version or self.plans[name].default)
         if model is None:
-            raise ModelNotFound(f"model '{name}' is not served; served models: {sorted(self.models)}")
-        if version and version != model.runtime.version:
-            raise ModelNotFound(
-                f"model '{name}' version '{version}' is not served; served version: {model.runtime.version}"
-            )
+            raise ModelNotFound(f"model '{name}' version '{version}' is not served; served versions: "
+                                f"{', '.join(sorted(versions, key=int))}")
+        return model
+
+    def route(self, name: str, version: str = "") -> ServedModel:
+        """The version that answers an inference request: the one it names, or the plan's
+        default or canary (sticky by the request's ``x-request-key``). Counted per route."""
+        if version:
+            model, why = self.get(name, version), "named"
+        else:
+            versions = self.versions.get(name)
+            if versions is None:
+                raise ModelNotFound(f"model '{name}' is not served; served models: {sorted(self.versions)}")
+            plan = self.plans[name]
+            chosen, why = (plan.default, "default") if plan.canary is None else pick(plan, lifecycle.key())
+            model = versions[chosen]
+        lifecycle.answered_by.set(model.runtime.version)
+        self.metrics.routed(name, model.runtime.version, why)
         return model
 
     @property
     def in_flight(self) -> int:
         """Inference requests inside this dataplane now, over all models."""
-        return sum(m.in_flight for m in self.models.values())
+        return sum(m.in_flight for m in self.served())
 
     def labels(self, name: str | None) -> tuple[str, str]:
         """Metric labels (model, version) for a request: ``None`` for server-level calls, a
@@ -138,10 +211,10 @@ class DataPlane:
         cannot create series."""
         if name is None:
             return "", ""
-        model = self.models.get(name)
-        if model is None:
+        plan = self.plans.get(name)
+        if plan is None:
             return "unknown", ""
-        return name, model.runtime.version
+        return name, lifecycle.answered_by.get() or plan.default
 
     def model_ready(self, name: str, version: str = "") -> bool:
         return self.get(name, version).ready
@@ -160,7 +233,7 @@ class DataPlane:
         replica, and the model's health would say SERVING while its calls wait too.
         """
         running: dict[str, int] = {}
-        if any(m.placement == "deployment" for m in self.models.values()):
+        if any(m.placement == "deployment" for m in self.served()):
             try:
                 running = await asyncio.wait_for(self.replica_counts(), timeout)
             except asyncio.TimeoutError:  # Serve's controller is slow: the probes alone decide
@@ -183,7 +256,7 @@ class DataPlane:
                     log.warning("model %s is not ready: %s", model.runtime.name, exc)
                     model.ready = False
 
-        await asyncio.gather(*(probe(m) for m in self.models.values()))
+        await asyncio.gather(*(probe(m) for m in self.served()))
 
     # ------------------------------------------------------------------ metadata
 
@@ -213,13 +286,62 @@ class DataPlane:
             model.in_flight -= 1
             self.admission.release(rows)
         self.statistics.of(model.runtime.name, model.runtime.version).computed(rows, timing)
+        if model.drift is not None:
+            model.drift.observe(model.runtime.monitored_values(outputs))
+        plan = self.plans[model.runtime.name]
+        if plan.shadow is not None and model.runtime.version == plan.default:
+            self._mirror(model, plan, inputs, outputs)
         return outputs
+
+    # ------------------------------------------------------------------ shadow (docs/lifecycle.md)
+
+    def _mirror(self, live: ServedModel, plan: Plan, inputs: dict[str, np.ndarray],
+                outputs: dict[str, np.ndarray]) -> None:
+        """Send a copy of an answered request to the plan's shadow version, off the response
+        path (a task of its own), unless the server is busy: then it is shed first."""
+        candidate_version = mirrored(plan)
+        if candidate_version is None:
+            return
+        name = live.runtime.name
+        candidate = self.versions[name].get(candidate_version)
+        busy = (len(self.shadows) >= self.shadow_in_flight or candidate is None or not candidate.ready
+                or candidate.in_flight >= candidate.batching.max_queued // 2 or self.admission.busy())
+        if busy:
+            self.metrics.shadowed(name, live.runtime.version, candidate_version, "shed")
+            return
+        key = (name, live.runtime.version, candidate_version)
+        comparison = self.comparisons.get(key)
+        if comparison is None:
+            comparison = self.comparisons[key] = live.runtime.shadow_comparison(candidate.runtime)
+        task = asyncio.get_running_loop().create_task(self._shadow(live, candidate, comparison, inputs, outputs))
+        self.shadows.add(task)
+        task.add_done_callback(self.shadows.discard)
+
+    async def _shadow(self, live: ServedModel, candidate: ServedModel, comparison, inputs, outputs) -> None:
+        outcome = "compared"
+        candidate.in_flight += 1
+        try:
+            if comparison is None:  # signatures differ: nothing meaningful to compare
+                outcome = "failed"
+                return
+            shadow_outputs, _ = await candidate.backend.infer(inputs, self.default_timeout_s)
+            comparison.add(live.runtime.shadow_values(outputs), candidate.runtime.shadow_values(shadow_outputs))
+            if candidate.drift is not None:
+                candidate.drift.observe(candidate.runtime.monitored_values(shadow_outputs))
+        except Overloaded:
+            outcome = "shed"
+        except Exception as exc:  # noqa: BLE001 - a shadow's failure is counted, never answered
+            outcome = "failed"
+            log.info("shadow of %s version %s failed: %s", live.runtime.name, candidate.runtime.version, exc)
+        finally:
+            candidate.in_flight -= 1
+            self.metrics.shadowed(live.runtime.name, live.runtime.version, candidate.runtime.version, outcome)
 
     # ------------------------------------------------------------------ statistics and the cluster
 
     def answered(self, name: str, version: str, ok: bool, seconds: float) -> None:
         """An inference request to a served model ended (OK or not) after ``seconds``."""
-        if name in self.models:
+        if name in self.plans:
             self.statistics.of(name, version).answered(ok, seconds)
 
     async def replica_counts(self) -> dict[str, int]:
@@ -229,7 +351,7 @@ class DataPlane:
                 return await self._replica_counts()
             except Exception:  # noqa: BLE001 - a description, not worth failing a call for
                 log.warning("replica counts unavailable", exc_info=True)
-        return {name: 1 for name in self.models}
+        return {name: 1 for name in self.plans}
 
     async def gateway_report(self) -> tuple[Statistics, dict[str, dict]]:
         """The statistics of every request the gateway served, whichever of its worker
@@ -240,13 +362,22 @@ class DataPlane:
                 return await self._gateway_report()
             except Exception:  # noqa: BLE001 - this worker's own figures beat no answer
                 log.warning("the gateway's report is unavailable: this worker's own figures", exc_info=True)
-        return self.statistics, {name: m.replica_info for name, m in self.models.items()}
+        return self.statistics, {(m.runtime.name, m.runtime.version): m.replica_info for m in self.served()}
 
     def publish_gauges(self) -> None:
-        """Readiness and in-flight gauges, sampled (the readiness poll calls this each second)."""
-        for name, model in self.models.items():
-            self.metrics.set_ready(name, model.runtime.version, model.ready)
-            self.metrics.set_in_flight(name, model.runtime.version, model.in_flight)
+        """Readiness, in-flight, drift and shadow gauges, sampled (the readiness poll calls
+        this each second)."""
+        for model in self.served():
+            name, version = model.runtime.name, model.runtime.version
+            self.metrics.set_ready(name, version, model.ready)
+            self.metrics.set_in_flight(name, version, model.in_flight)
+            psi = model.drift.psi() if model.drift is not None else None
+            if psi is not None:
+                self.metrics.drift(name, version, psi)
+        for (name, live, candidate), comparison in self.comparisons.items():
+            figures = comparison.figures() if comparison is not None else None
+            if figures:
+                self.metrics.divergence(name, live, candidate, figures)
 
     async def infer(
         self,
@@ -256,9 +387,13 @@ class DataPlane:
         parameters: dict[str, Any] | None = None,
         requested_outputs: list[str] | None = None,
         remaining: float | None = None,
+        model: ServedModel | None = None,
     ) -> tuple[ServedModel, dict[str, np.ndarray]]:
-        """Open Inference Protocol inference: tensors in, the model's tensors out."""
-        model = self.get(name, version)
+        """Open Inference Protocol inference: tensors in, the model's tensors out.
+
+        ``model``: the version already chosen by :meth:`route` (the transport checks the
+        tensors against its signature first)."""
+        model = model or self.route(name, version)
         if requested_outputs:
             served = {t.name for t in model.runtime.output_specs()}
             unknown = [n for n in requested_outputs if n not in served]
@@ -288,7 +423,7 @@ class DataPlane:
     ) -> tuple[ServedModel, list[AnomalyResult]]:
         """Fraud scoring: transactions (as rows, or by column name) -> score, decision and the
         ``top_features`` features that explain it (None: the runtime's default; 0: none)."""
-        model = self.get(name or "fraud-autoencoder", version)
+        model = self.route(name or "fraud-autoencoder", version)
         runtime = model.runtime
         if not isinstance(runtime, AnomalyRuntime):
             raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not an anomaly detector")
@@ -318,7 +453,7 @@ class DataPlane:
         remaining: float | None = None,
     ) -> tuple[ServedModel, list[list[tuple[int, float]]]]:
         """Image classification: images as ``("pixels", array)`` or ``("png", bytes)`` -> top-k."""
-        model = self.get(name or "digit-classifier", version)
+        model = self.route(name or "digit-classifier", version)
         runtime = model.runtime
         if not isinstance(runtime, ClassifierRuntime):
             raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a classifier")
@@ -344,7 +479,7 @@ class DataPlane:
         remaining: float | None = None,
     ) -> tuple[ServedModel, Recommendation]:
         """Top-k users for ``user`` (an id in the graph), or for a new user from ``neighbors``."""
-        model = self.get(name or "graph-recommender", version)
+        model = self.route(name or "graph-recommender", version)
         runtime = model.runtime
         if not isinstance(runtime, RecommenderRuntime):
             raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a recommender")
@@ -379,7 +514,7 @@ class DataPlane:
 
         Validation errors raise here, before the stream starts.
         """
-        model = self.get(name or "digit-diffusion", version)
+        model = self.route(name or "digit-diffusion", version)
         runtime = model.runtime
         if not isinstance(runtime, GenerativeRuntime):
             raise InvalidInput(f"model '{runtime.name}' is a {runtime.kind} model, not a generator")

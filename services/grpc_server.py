@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 
-from deepserve import codec, metrics, triton
+from deepserve import codec, lifecycle, metrics, triton
 from deepserve.client import NODE_METADATA_KEY
 from deepserve.dataplane import PLATFORM, DataPlane
 from deepserve.errors import InvalidInput, ModelNotFound, Overloaded, to_status
@@ -80,6 +80,7 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
                 try:
                     if inference:  # before any decoding: refuse at once while the loop is late
                         self.dataplane.admission.check_loop()
+                        lifecycle.call_metadata.set(context.invocation_metadata)  # read for a canary's key
                     async for message in method(self, request, context):
                         yield message
                 except asyncio.CancelledError:  # the client cancelled or went away
@@ -101,6 +102,7 @@ def _handled(model_field: str | None = None, default_model: str = "", inference:
             try:
                 if inference:  # before any decoding: refuse at once while the loop is late
                     self.dataplane.admission.check_loop()
+                    lifecycle.call_metadata.set(context.invocation_metadata)  # read for a canary's key
                 return await method(self, request, context)
             except asyncio.CancelledError:
                 code = "CANCELLED"
@@ -150,7 +152,7 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=runtime.name,
-            versions=[runtime.version],
+            versions=sorted(self.dataplane.versions[runtime.name], key=int),  # every served version
             platform=PLATFORM,
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in runtime.inputs.values()],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in runtime.output_specs()],
@@ -159,8 +161,8 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
     @_handled("model_name", inference=True)
     async def ModelInfer(self, request, context):
         # The signature is checked from each tensor's header before its data is decoded.
-        runtime = self.dataplane.get(request.model_name, request.model_version).runtime
-        inputs = codec.decode_request_inputs(request, check=runtime.check_tensor)
+        model = self.dataplane.route(request.model_name, request.model_version)
+        inputs = codec.decode_request_inputs(request, check=model.runtime.check_tensor)
         # Triton's reserved parameters: `timeout` (microseconds) is a server-side deadline.
         parameters, timeout = (codec.split_reserved(codec.parameters_to_dict(request.parameters))
                                if request.parameters else ({}, None))
@@ -174,6 +176,7 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
             parameters=parameters,
             requested_outputs=[o.name for o in request.outputs],
             remaining=remaining,
+            model=model,
         )
         response = oip.ModelInferResponse(
             model_name=model.runtime.name, model_version=model.runtime.version, id=request.id
@@ -193,11 +196,13 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
 
     @_handled("name")
     async def ModelStatistics(self, request, context):
-        names = [request.name] if request.name else sorted(self.dataplane.models)
-        versions = [self.dataplane.get(name, request.version).runtime.version for name in names]  # NOT_FOUND first
+        if request.name:  # NOT_FOUND first
+            self.dataplane.get(request.name, request.version)
+        names = [request.name] if request.name else sorted(self.dataplane.versions)
+        keys = [(name, version) for name in names for version in sorted(self.dataplane.versions[name], key=int)
+                if not request.version or version == request.version]
         statistics, _ = await self.dataplane.gateway_report()  # every worker's requests
-        stats = [triton.model_statistics(name, version, statistics.of(name, version))
-                 for name, version in zip(names, versions)]
+        stats = [triton.model_statistics(name, version, statistics.of(name, version)) for name, version in keys]
         return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
     @_handled()
@@ -205,7 +210,7 @@ class InferenceServicer(_Servicer, oip_grpc.GRPCInferenceServiceServicer):
         if request.repository_name:
             raise ModelNotFound(f"repository '{request.repository_name}' is not served: DeepServe has one "
                                 "model repository; leave repository_name empty")
-        index = triton.repository_index(self.dataplane.repository, self.dataplane.models, request.ready)
+        index = triton.repository_index(self.dataplane.repository, self.dataplane.versions, request.ready)
         return json_format.ParseDict({"models": index}, oip.RepositoryIndexResponse())
 
 
@@ -351,19 +356,27 @@ class ModelsServicer(_Servicer, v1_grpc.ModelsServicer):
     async def ListModels(self, request, context):
         _, reports = await self.dataplane.gateway_report()  # batch figures of every worker
         infos = []
-        for name in sorted(self.dataplane.models):
-            model = self.dataplane.models[name]
-            report = reports.get(name) or model.replica_info
-            manifest = model.runtime.manifest
-            infos.append(v1.ModelInfo(
-                name=name, version=manifest.version, kind=manifest.kind, ready=model.ready,
-                execution_provider=model.provider, sha256=manifest.sha256,
-                load_seconds=float(model.replica_info.get("load_seconds", 0.0)),
-                metrics={k: float(v) for k, v in manifest.metrics.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                batching={k: float(report[k]) for k in BATCHING_FIELDS if k in report},
-            ))
+        for name in sorted(self.dataplane.versions):
+            plan = self.dataplane.plans[name]
+            for version in sorted(self.dataplane.versions[name], key=int):
+                infos.append(self._info(self.dataplane.versions[name][version], plan, reports))
         return v1.ListModelsResponse(models=infos)
+
+    @staticmethod
+    def _info(model, plan, reports) -> v1.ModelInfo:
+        name, version = model.runtime.name, model.runtime.version
+        report = reports.get((name, version)) or model.replica_info
+        manifest = model.runtime.manifest
+        role = plan.role(version)
+        share = {"default": 1.0 - plan.weight, "canary": plan.weight, "shadow": plan.fraction}.get(role, 0.0)
+        return v1.ModelInfo(
+            name=name, version=manifest.version, kind=manifest.kind, ready=model.ready, role=role, share=share,
+            execution_provider=model.provider, sha256=manifest.sha256,
+            load_seconds=float(model.replica_info.get("load_seconds", 0.0)),
+            metrics={k: float(v) for k, v in manifest.metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            batching={k: float(report[k]) for k in BATCHING_FIELDS if k in report},
+        )
 
 
 # ---------------------------------------------------------------------------- server

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from deepserve.drift import SIMILARITIES
+
 # Millisecond calls: fine buckets from 100 µs to 1 s, then coarse ones up to 30 s.
 LATENCY_BUCKETS_S = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                      2.5, 5.0, 10.0, 30.0]
@@ -112,6 +114,19 @@ class _Gauge:
     def set(self, value: float, key: tuple) -> None:
         self.values[key] = value
 
+    def combined(self, key: tuple, values: list[float]) -> float:
+        """One value of the ``values`` that several processes reported for the series ``key``."""
+        return self.combine(values)
+
+
+class _DivergenceGauge(_Gauge):
+    """Shadow figures, whose last label is the measure: across a gateway's workers the worst
+    value counts, the lowest of a similarity (agreement, overlap), the farthest from 0 of a
+    distance (PSI, KS, the signed flagged-rate difference)."""
+
+    def combined(self, key: tuple, values: list[float]) -> float:
+        return min(values) if key[-1] in SIMILARITIES else max(values, key=abs)
+
 
 # ---------------------------------------------------------------------------- export to Ray
 
@@ -182,6 +197,15 @@ def _total(values: Iterable[float]) -> float:
 
 def _lowest(values: Iterable[float]) -> float:
     return min(values)
+
+
+def _replace(gauge: _Gauge, prefix: tuple, values: dict[str, float]) -> None:
+    """Set the series ``(*prefix, name)`` of ``gauge`` to ``values``, dropping the prefix's
+    series not in it (Ray forgets a series left unset for a while)."""
+    for key in [k for k in gauge.values if k[:-1] == prefix and k[-1] not in values]:
+        del gauge.values[key]
+    for name, value in values.items():
+        gauge.set(float(value), (*prefix, name))
 
 
 # ---------------------------------------------------------------------------- the metrics
@@ -267,6 +291,22 @@ class Metrics:
             "deepserve_terminated_runs",
             "Session runs stopped midway because every request in them had left (deadline or cancel).",
             tag_keys=_MODEL)
+        self.route_requests = Counter(
+            "deepserve_route_requests",
+            "Inference requests by the version that served them and why: route default, canary, or "
+            "named (the client named the version).", tag_keys=(*_MODEL, "route"))
+        self.shadow_requests = Counter(
+            "deepserve_shadow_requests",
+            "Requests to the served version mirrored to the shadow version candidate, by outcome: "
+            "compared, shed (dropped: the server was busy) or failed.", tag_keys=(*_MODEL, "candidate", "outcome"))
+        self.shadow_divergence = _DivergenceGauge(
+            "deepserve_shadow_divergence",
+            "The shadow candidate's outputs against the served version's on the same requests, by measure: "
+            "psi, ks, flagged_rate_diff (anomaly), agreement (classifier), overlap_at_k (recommender).",
+            tag_keys=(*_MODEL, "candidate", "measure"))  # across workers: the worst value
+        self.drift_psi = Gauge(
+            "deepserve_drift_psi", "PSI of the recent served scores (confidences) against the training reference.",
+            tag_keys=_MODEL)  # across workers: the highest
         self.memory = Gauge(
             "deepserve_process_resident_memory_bytes", "Resident memory of this serving process.",
             tag_keys=("component",))
@@ -347,6 +387,34 @@ class Metrics:
             for p in probabilities[:SAMPLED_ROWS].max(axis=1).tolist():
                 self.confidence.observe(p, key)
 
+    def routed(self, model: str, version: str, route: str) -> None:
+        """A request went to ``version`` because of ``route``: ``default``, ``canary`` or
+        ``named`` (the client asked for that version)."""
+        if self.enabled:
+            self.route_requests.inc(1, (model, version, route))
+
+    def shadowed(self, model: str, version: str, candidate: str, outcome: str) -> None:
+        """A request to ``version`` was mirrored to the shadow version ``candidate``, with
+        ``outcome`` ``compared``, ``shed`` (dropped: the server was busy) or ``failed``."""
+        if self.enabled:
+            self.shadow_requests.inc(1, (model, version, candidate, outcome))
+
+    def divergence(self, model: str, version: str, candidate: str, figures: dict[str, float]) -> None:
+        """The shadow comparison's current figures (measure -> value, as a
+        :class:`deepserve.drift.Shadow` gives them). They replace the pair's previous ones:
+        ``{}`` (too few pairs yet, or the shadow ended) removes its series."""
+        if self.enabled:
+            _replace(self.shadow_divergence, (model, version, candidate), figures)
+
+    def drift(self, model: str, version: str, psi: float | None) -> None:
+        """PSI of the live scores against the training reference; None (too few scores yet,
+        or the version unloaded) removes the series."""
+        if self.enabled:
+            if psi is None:
+                self.drift_psi.values.pop((model, version), None)
+            else:
+                self.drift_psi.set(float(psi), (model, version))
+
     # ------------------------------------------------------------------ export
 
     def snapshot(self, component: str | None = None) -> dict[str, Any]:
@@ -393,8 +461,8 @@ class Metrics:
             for gauges in self._absorbed.values():
                 for key, value in gauges.get(name, {}).items():
                     reported.setdefault(key, []).append(value)
-            combine = next(m.combine for m in self._all if m.name == name)
-            snapshot["gauges"][name] = {key: combine(values) for key, values in reported.items()}
+            gauge = next(m for m in self._all if m.name == name)
+            snapshot["gauges"][name] = {key: gauge.combined(key, values) for key, values in reported.items()}
         self._export.export(snapshot, self._tag_keys, everything=self._ticks % KEEPALIVE_TICKS == 1)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from deepserve import sampling
 from deepserve.codec import DATATYPE_TO_NUMPY, numpy_to_datatype
+from deepserve.drift import AgreementShadow, OverlapShadow, ScoreShadow
 from deepserve.errors import InvalidInput
 from deepserve.images import decode_png, encode_png
 from deepserve.repository import Manifest, TensorSpec
@@ -105,6 +106,29 @@ class Runtime:
     def output_specs(self) -> list[TensorSpec]:
         """Outputs as served: the graph's, plus any the kind adds (see :meth:`postprocess`)."""
         return list(self.manifest.outputs)
+
+    # ------------------------------------------------------------------ lifecycle (docs/lifecycle.md)
+
+    def monitored_values(self, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The per-row values whose distribution is watched for drift against the manifest's
+        ``score_reference`` (kinds that record one override this)."""
+        return None
+
+    def shadow_values(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """What a shadow comparison compares, per row, from the graph's outputs."""
+        raise NotImplementedError(f"no shadow comparison for {self.kind} models")
+
+    def shadow_comparison(self, candidate: "Runtime"):
+        """A comparison of this (live) version's answers with ``candidate``'s on the same
+        requests (:mod:`deepserve.drift`), or None when they cannot be compared: the kind has
+        no comparison, or the candidate's graph takes other inputs."""
+        comparison = self._comparison(candidate)
+        same_inputs = ({n: (t.datatype, t.shape) for n, t in self.inputs.items()}
+                       == {n: (t.datatype, t.shape) for n, t in candidate.inputs.items()})
+        return comparison if same_inputs and candidate.kind == self.kind else None
+
+    def _comparison(self, candidate: "Runtime"):
+        return None
 
     def check_tensor(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
         """One tensor's name, datatype and shape against the signature: what can be judged
@@ -315,6 +339,16 @@ class AnomalyRuntime(Runtime):
                                f"got {requested}")
         return requested
 
+    def monitored_values(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return outputs["score"]
+
+    def shadow_values(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return outputs["score"]
+
+    def _comparison(self, candidate: "AnomalyRuntime") -> ScoreShadow:
+        # Each version flags with its own calibrated threshold.
+        return ScoreShadow(self.threshold, candidate.threshold)
+
     def explain(self, outputs: dict[str, np.ndarray], threshold: float,
                 top_features: int = TOP_FEATURES) -> list[AnomalyResult]:
         scores = outputs["score"]
@@ -381,6 +415,15 @@ class ClassifierRuntime(Runtime):
         if not 1 <= k <= self.MAX_TOP_K:
             raise InvalidInput(f"top_k: expected 1..{self.MAX_TOP_K}, got {k}")
         return k
+
+    def monitored_values(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return outputs["probabilities"].max(axis=1)  # the confidence in the top class
+
+    def shadow_values(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return outputs["probabilities"].argmax(axis=1)
+
+    def _comparison(self, candidate: "ClassifierRuntime") -> AgreementShadow:
+        return AgreementShadow()
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         order = np.argsort(-probabilities, axis=1)[:, :k]
@@ -700,11 +743,16 @@ class Recommendation:
 class RecommenderRuntime(Runtime):
     """Graph recommenders: top-k users for a known user, or for a new one from its neighbours.
 
-    The graph does the work (embedding lookup or inductive message passing, scores, masks,
-    TopK with ``max_k``); this class maps user ids to graph indices and back, checks them,
-    and cuts the ranking to the request's ``k``. A user that is neither in the training
-    graph nor given with neighbours is an error (INVALID_ARGUMENT), not a popularity
-    fallback: a client should know when it gets no personalisation.
+    This class maps user ids to graph indices and back, checks them, and cuts the ranking
+    to the request's ``k``. A user that is neither in the training graph nor given with
+    neighbours is an error (INVALID_ARGUMENT), not a popularity fallback: a client should
+    know when it gets no personalisation.
+
+    A version whose manifest lists a ``graph.npz`` sidecar (docs/model-repository.md) is a
+    two-stage recommender: :meth:`run` draws candidates and their pair features in numpy
+    from the sidecar's arrays (:mod:`deepserve.models.graph.pairs`, numpy only), the ONNX
+    graph scores the pairs, and the best ``max_k`` come back. An older version without one
+    does it all in its graph (embedding lookup, scores, masks, TopK).
     """
 
     kind = "recommender"
@@ -720,6 +768,32 @@ class RecommenderRuntime(Runtime):
         self.node_ids = None if node_ids is None else np.asarray(node_ids, dtype=np.int64)  # sorted
         # Graph indices without a training edge: given neighbours, the graph embeds them from those.
         self.edgeless = np.asarray(extra.get("edgeless_users", []), dtype=np.int64)
+        self.files: dict[str, bytes] = {}  # verified sidecar files (deepserve.loading sets them)
+        self.index = None  # the candidate index over the sidecar's arrays, once loaded
+
+    def load(self, onnx_bytes: bytes, intra_op_threads: int = 1) -> None:
+        """Load the sidecar's arrays (when the manifest lists one), then the session."""
+        sidecar = self.manifest.extra.get("sidecar")
+        if sidecar is not None:
+            import io
+
+            from deepserve.models.graph.pairs import CandidateIndex  # numpy only
+
+            if sidecar not in self.files:
+                raise RuntimeError(f"model '{self.name}': its sidecar file {sidecar} was not read")
+            with np.load(io.BytesIO(self.files[sidecar]), allow_pickle=False) as arrays:
+                self.index = CandidateIndex(dict(arrays), **self.manifest.extra["candidates"])
+            self.files = {}  # parsed into arrays: the bytes need not stay in memory
+        super().load(onnx_bytes, intra_op_threads)
+
+    def run(self, inputs: dict[str, np.ndarray], options=None) -> dict[str, np.ndarray]:
+        """Candidates and pair features (numpy), pair scores (the ONNX graph), the best ``max_k``."""
+        if self.index is None:
+            return super().run(inputs, options)
+        prepared = self.index.prepare(inputs["user"], inputs["neighbors"], inputs["exclude_known"])
+        scores = self.session.run(["scores"], prepared.feeds(), options)[0]  # (B, C)
+        ids, top = self.index.top_k(prepared, scores, self.max_k, float(self.manifest.extra["masked_score"]))
+        return {"ids": ids, "scores": top, "embedding": prepared.query}
 
     def example_inputs(self, rows: int) -> dict[str, np.ndarray]:
         return {"user": np.zeros(rows, np.int64), "neighbors": np.full((rows, 1), -1, np.int64),
@@ -785,6 +859,18 @@ class RecommenderRuntime(Runtime):
     def postprocess(self, outputs, parameters):
         k = self.resolve_k(parameters.get("k"))
         return {**outputs, "ids": self.to_ids(outputs["ids"][:, :k]), "scores": outputs["scores"][:, :k]}
+
+    def shadow_values(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        # External ids: two versions trained on different graphs index users differently.
+        return self.to_ids(outputs["ids"][:, :self.DEFAULT_K])
+
+    def _comparison(self, candidate: "RecommenderRuntime") -> OverlapShadow | None:
+        # The graph inputs are this version's indices: the candidate must index users alike.
+        same_users = self.num_users == candidate.num_users and (
+            (self.node_ids is None and candidate.node_ids is None)
+            or (self.node_ids is not None and candidate.node_ids is not None
+                and np.array_equal(self.node_ids, candidate.node_ids)))
+        return OverlapShadow(self.DEFAULT_K) if same_users else None
 
     def recommendations(self, graph_inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], k: int) -> list[Recommendation]:
         ids = self.to_ids(outputs["ids"][:, :k])

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     readiness_poll_s: float = Field(default=1.0, gt=0)
     """How often the gateway checks that each model's replicas answer."""
 
+    repository_poll_s: float = Field(default=5.0, ge=0)
+    """How often every serving process looks at the repository for new versions and route
+    changes (``deepserve rollout``); 0: never, the versions at deploy time stay (docs/lifecycle.md)."""
+
+    shadow_in_flight: int = Field(default=16, ge=0)
+    """Shadow requests (mirrored to a candidate version) in flight per gateway worker; beyond
+    it, or while the server is busy, mirroring is shed first (docs/lifecycle.md)."""
+
     probe_timeout_s: float = Field(default=10.0, gt=0)
     """Bound on one health probe: a one-row inference that waits for the batch (or generation
     step) computing before it, so keep it above a model's longest batch. A replica that misses

@@ -112,17 +112,18 @@ def model_statistics(name: str, version: str, stats: ModelStats) -> dict[str, An
     }
 
 
-def repository_index(repository: dict[str, list[str]], served: dict[str, ServedModel],
+def repository_index(repository: dict[str, list[str]], served: dict[str, dict[str, ServedModel]],
                      ready_only: bool) -> list[dict[str, str]]:
     """Triton's ``RepositoryIndex``: every model version of the repository and its state."""
     index = []
     for name in sorted(repository):
-        model = served.get(name)
-        for version in repository[name]:
-            if model is None:
+        versions = served.get(name)
+        for version in sorted(set(repository[name]) | set(versions or ()), key=int):
+            model = (versions or {}).get(version)
+            if versions is None:
                 state, reason = "UNAVAILABLE", "not in the Serve config"
-            elif version != model.runtime.version:
-                state, reason = "UNAVAILABLE", f"not served: version {model.runtime.version} is"
+            elif model is None:
+                state, reason = "UNAVAILABLE", f"not served: versions {', '.join(sorted(versions, key=int))} are"
             elif model.ready:
                 state, reason = "READY", ""
             else:

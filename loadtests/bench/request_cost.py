@@ -36,6 +36,9 @@ class _Context:
     def time_remaining(self) -> float:
         return 10.0
 
+    def invocation_metadata(self):
+        return ()
+
     async def abort(self, code, message) -> None:
         raise RuntimeError(f"{code}: {message}")
 
@@ -65,8 +68,8 @@ async def main(argv: list[str] | None = None) -> int:
     repo = ModelRepository(args.repo)
     # The shipped config's batching (deploy/serve_config.yaml), or none.
     batching = {"max_batch_size": 64, "max_wait_s": 0.0, "max_queued": 2048, "enabled": not args.no_batching}
-    entry = {"version": repo.latest_version(args.model), "sha256": None, "intra_op_threads": 1, "batching": batching}
-    runtime = load_runtime(str(repo.root), args.model, entry, 4096, "gateway")
+    entry = {"intra_op_threads": 1, "batching": batching}
+    runtime = load_runtime(str(repo.root), args.model, repo.latest_version(args.model), entry, 4096, "gateway")
     model = ServedModel(runtime=runtime, backend=backend_for(runtime, batching), ready=True,
                         batching=BatchingConfig.from_dict(batching))
     servicer = InferenceServicer(DataPlane([model]), "bench")

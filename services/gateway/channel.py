@@ -134,19 +134,22 @@ class RelayBackend:
     gateway replica, which makes it through the model's Serve handle (with its retries and its
     mapping of Ray's errors)."""
 
-    def __init__(self, name: str, relay: Client):
-        self.name = name
+    def __init__(self, name: str, version: str, relay: Client):
+        self.name, self.version = name, version
         self.relay = relay
 
     async def infer(self, inputs, timeout: float):
-        return await self.relay.call("call", "infer", self.name, inputs, timeout=timeout)
+        return await self.relay.call("call", "infer", self.name, self.version, inputs, timeout=timeout)
 
     async def info(self, timeout: float) -> dict[str, Any]:
-        return await self.relay.call("call", "info", self.name, timeout=max(timeout, 0.0))
+        return await self.relay.call("call", "info", self.name, self.version, timeout=max(timeout, 0.0))
 
     async def check(self, timeout: float) -> dict[str, Any]:
-        return await self.relay.call("call", "check", self.name, timeout=timeout)
+        return await self.relay.call("call", "check", self.name, self.version, timeout=timeout)
 
     async def generate(self, request, timeout: float):
-        async for event in self.relay.stream("generate", self.name, request, timeout=timeout):
+        async for event in self.relay.stream("generate", self.name, self.version, request, timeout=timeout):
             yield event
+
+    def close(self) -> None:
+        """Nothing to free here: the replica's sessions follow the plan themselves."""

@@ -60,6 +60,7 @@ from deepserve import metrics
 from deepserve.errors import DeadlineExceeded, DeepServeError, InvalidInput, ModelNotReady, Overloaded
 from deepserve.gateway.channel import CONTROL, MARGIN_S, RELAY, Client, server
 from deepserve.memory import tune_allocator
+from deepserve.loading import pinned_digest
 from deepserve.repository import ModelRepository
 from deepserve.runtime import ASSIGNED_GPUS_ENV, GenerationRequest, GenerationResult
 from deepserve.security import ServerSecurity
@@ -155,16 +156,16 @@ class RayBackend:
             log.warning("model %s: %s", self.name, type(exc).__name__)
             raise ModelNotReady(f"model '{self.name}': the replica went away; retry shortly") from None
 
-    async def generate(self, request: GenerationRequest, timeout: float):
+    async def generate(self, request: GenerationRequest, timeout: float, version: str = ""):
         """Streams the replica's events; closing this generator cancels the replica's.
 
         A request that wants no progress takes a plain call instead: Serve's streaming
         calls cost ~20 ms more per request here (docs/benchmarks.md).
         """
         if not request.progress:
-            yield await self._call("generate_result", timeout, request, time.time() + timeout)
+            yield await self._call("generate_result", timeout, request, time.time() + timeout, version)
             return
-        stream = self.handle.options(stream=True).generate.remote(request, time.time() + timeout)
+        stream = self.handle.options(stream=True).generate.remote(request, time.time() + timeout, version)
         deadline = time.monotonic() + timeout
         finished = False
         try:
@@ -182,16 +183,17 @@ class RayBackend:
             if not finished:
                 stream.cancel()
 
-    async def infer(self, inputs: dict[str, np.ndarray], timeout: float) -> tuple[dict[str, np.ndarray], Timing]:
+    async def infer(self, inputs: dict[str, np.ndarray], timeout: float,
+                    version: str = "") -> tuple[dict[str, np.ndarray], Timing]:
         # The deadline travels with the call, as wall-clock time: the replica drops the request
         # itself when it passes, however long Serve's queue held it.
-        return await self._call("infer", timeout, inputs, time.time() + timeout)
+        return await self._call("infer", timeout, inputs, time.time() + timeout, version)
 
-    async def info(self, timeout: float) -> dict[str, Any]:
-        return await self._call("info", timeout)
+    async def info(self, timeout: float, version: str = "") -> dict[str, Any]:
+        return await self._call("info", timeout, version)
 
-    async def check(self, timeout: float) -> dict[str, Any]:
-        return await self._call("check", timeout, timeout)
+    async def check(self, timeout: float, version: str = "") -> dict[str, Any]:
+        return await self._call("check", timeout, timeout, version)
 
 
 async def _await(response):
@@ -299,7 +301,7 @@ def combine(reports: list[dict[str, Any]], shared: bool) -> dict[str, Any]:
             merged[key] = all(values)
         elif key == "requests_in_flight":
             merged[key] = sum(values)
-        elif shared or key in ("pid", "threaded"):
+        elif shared or key in ("pid", "threaded", "plan"):
             merged[key] = values[0]
         elif all(isinstance(v, dict) for v in values):
             merged[key] = combine(values, shared)
@@ -326,7 +328,9 @@ class Gateway:
         repo = ModelRepository(repository)
         for name, entry in plan.items():  # a remote repository is fetched once, into the cache workers read
             if entry["placement"] == "gateway":
-                repo.load(name, entry["version"], pinned=entry["sha256"])
+                for version in entry["plan"]["versions"]:
+                    model, _ = repo.load(name, version, pinned=pinned_digest(name, version, entry))
+                    model.read_files()  # its sidecar files too (a remote repository: fetched, verified)
         self.settings = settings
         self.plan = plan
         self.backends = {name: RayBackend(name, handles[name]) for name, e in plan.items()
@@ -375,14 +379,14 @@ class Gateway:
     def _timeout(self, remaining: float | None) -> float:
         return self.settings.default_timeout_s if remaining is None else max(remaining - MARGIN_S, 0.0)
 
-    async def _call(self, method: str, name: str, *args):
+    async def _call(self, method: str, name: str, version: str, *args):
         *args, remaining = args
         if method not in ("infer", "info", "check"):
             raise InvalidInput(f"no relay method '{method}'")
-        return await getattr(self._backend(name), method)(*args, self._timeout(remaining))
+        return await getattr(self._backend(name), method)(*args, self._timeout(remaining), version=version)
 
-    async def _generate(self, name: str, request: GenerationRequest, remaining: float | None):
-        async for event in self._backend(name).generate(request, self._timeout(remaining)):
+    async def _generate(self, name: str, version: str, request: GenerationRequest, remaining: float | None):
+        async for event in self._backend(name).generate(request, self._timeout(remaining), version=version):
             yield event
 
     async def _counts(self, remaining: float | None) -> dict[str, int]:
@@ -404,8 +408,9 @@ class Gateway:
         answers = await asyncio.gather(*(w.control.call("figures", timeout=self.settings.probe_timeout_s)
                                          for w in workers), return_exceptions=True)
         parts = [a for a in answers if isinstance(a, tuple)]
-        reports = {name: combine([p[1][name] for p in parts if name in p[1]], shared=entry["placement"] == "deployment")
-                   for name, entry in self.plan.items()}
+        keys = dict.fromkeys(key for p in parts for key in p[1])  # (model, version)
+        reports = {key: combine([p[1][key] for p in parts if key in p[1]],
+                                shared=self.plan[key[0]]["placement"] == "deployment") for key in keys}
         return Statistics.combined([p[0] for p in parts]), reports
 
     # ------------------------------------------------------------------ supervision

@@ -56,7 +56,7 @@ async def serve(spec: dict[str, Any]) -> None:
     from deepserve.dataplane import DataPlane, ServedModel
     from deepserve.gateway.channel import CONTROL, RELAY, Client, RelayBackend, server
     from deepserve.grpc_server import GrpcServer
-    from deepserve.loading import backend_for, load_runtime
+    from deepserve.loading import Follower, backend_for, load_runtime, plan_now
     from deepserve.repository import ModelRepository
     from deepserve.runtime import runtime_for
     from deepserve.security import ServerSecurity
@@ -68,18 +68,25 @@ async def serve(spec: dict[str, Any]) -> None:
     relay = Client(spec["relay"], RELAY, "the gateway replica")
     repository = spec["repository"]
     repo = ModelRepository(repository)
-    served = []
-    for name, entry in spec["plan"].items():
+
+    def served_version(name: str, version: str) -> ServedModel:
+        """One model version, ready to compute: loaded and warmed up here (placed
+        ``gateway``), or reached through the replica (placed ``deployment``)."""
+        entry = spec["plan"][name]
         if entry["placement"] == "gateway":
-            runtime = load_runtime(repository, name, entry, settings.max_rows_per_request, "gateway",
+            runtime = load_runtime(repository, name, version, entry, settings.max_rows_per_request, "gateway",
                                    settings.max_image_side)
             backend = backend_for(runtime, entry["batching"])
         else:
-            runtime = runtime_for(repo.get(name, entry["version"]).manifest, settings.max_rows_per_request,
+            runtime = runtime_for(repo.get(name, version).manifest, settings.max_rows_per_request,
                                   settings.max_image_side)
-            backend = RelayBackend(name, relay)
-        served.append(ServedModel(runtime=runtime, backend=backend, placement=entry["placement"],
-                                  batching=BatchingConfig.from_dict(entry["batching"])))
+            backend = RelayBackend(name, version, relay)
+        return ServedModel(runtime=runtime, backend=backend, placement=entry["placement"],
+                           batching=BatchingConfig.from_dict(entry["batching"]), ready=entry["placement"] == "gateway")
+
+    # A worker started later (a restart) serves what the repository says now.
+    plans = {name: plan_now(repo, name, entry) for name, entry in spec["plan"].items()}
+    served = [served_version(name, version) for name, plan in plans.items() for version in plan.versions]
 
     async def replica_counts() -> dict[str, int]:
         return await relay.call("counts", timeout=settings.probe_timeout_s)
@@ -88,19 +95,22 @@ async def serve(spec: dict[str, Any]) -> None:
         return await relay.call("figures", timeout=settings.probe_timeout_s)
 
     dataplane = DataPlane(served, settings.default_timeout_s, spec["index_of_repository"], replica_counts,
-                          Admission(settings.max_rows_in_flight, settings.max_loop_lag_s), gateway_report)
+                          Admission(settings.max_rows_in_flight, settings.max_loop_lag_s), gateway_report,
+                          plans=plans, shadow_in_flight=settings.shadow_in_flight)
     dataplane.admission.start()
     await dataplane.refresh(min(settings.probe_timeout_s, 2.0))  # replicas still starting: the poll picks them up
+    lifecycle = Follower(dataplane, repo, spec["plan"], served_version, settings.probe_timeout_s)
     grpc_server = GrpcServer(dataplane, settings.grpc_host, spec["port"], settings.max_message_bytes, spec["node"],
                              settings.max_connection_age_s, settings.connection_age_grace_s, security=security,
                              reflection=settings.reflection, health_port=settings.health_port,
                              max_concurrent_rpcs=settings.max_concurrent_rpcs, reuse_port=True)
     component = f"gateway-worker-{index}"
 
-    async def model_reports() -> dict[str, dict[str, Any]]:
-        """Each model's replica report: live for the sessions here, from the last probe for the others."""
-        return {name: await m.backend.info(0.0) if m.placement == "gateway" else m.replica_info
-                for name, m in dataplane.models.items()}
+    async def model_reports() -> dict[tuple[str, str], dict[str, Any]]:
+        """Each model version's replica report: live for the sessions here, from the last
+        probe for the others."""
+        return {(m.runtime.name, m.runtime.version): await m.backend.info(0.0) if m.placement == "gateway"
+                else m.replica_info for m in dataplane.served()}
 
     async def figures(remaining):
         return dataplane.statistics, await model_reports()
@@ -108,7 +118,10 @@ async def serve(spec: dict[str, Any]) -> None:
     async def status(remaining) -> dict[str, Any]:
         reports = await model_reports()
         models = {name: {"ready": m.ready, "version": m.runtime.version, "kind": m.runtime.kind,
-                         "requests_in_flight": m.in_flight, **reports[name]}
+                         "requests_in_flight": m.in_flight, **reports[(name, m.runtime.version)],
+                         "plan": dataplane.plans[name].to_dict(),
+                         "versions": {v: {"ready": vm.ready, "requests_in_flight": vm.in_flight}
+                                      for v, vm in dataplane.versions[name].items()}}
                   for name, m in dataplane.models.items()}
         return {"pid": os.getpid(), "ready": dataplane.ready(), "models": models,
                 "requests_total": dataplane.requests_total, "refused": dataplane.admission.refused,
@@ -127,6 +140,11 @@ async def serve(spec: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
 
+    async def follow_repository() -> None:
+        while True:
+            await asyncio.sleep(settings.repository_poll_s)
+            await lifecycle.follow()
+
     async def poll() -> None:
         while True:
             await asyncio.sleep(settings.readiness_poll_s)
@@ -141,6 +159,7 @@ async def serve(spec: dict[str, Any]) -> None:
                 logging.getLogger("deepserve").exception("readiness poll failed")
 
     poller = loop.create_task(poll())
+    follower = loop.create_task(follow_repository()) if settings.repository_poll_s > 0 else None
     _answer({"ready": True, "pid": os.getpid(), "port": grpc_server.port})
     await stopping.wait()
     started = time.monotonic()
@@ -148,6 +167,8 @@ async def serve(spec: dict[str, Any]) -> None:
                                            index, dataplane.in_flight, spec["drain_s"])
     await grpc_server.stop(spec["drain_s"])
     poller.cancel()
+    if follower is not None:
+        follower.cancel()
     await control.stop(0)
     await relay.close()
     logging.getLogger("deepserve").warning("gateway worker %d drained in %.1f s", index, time.monotonic() - started)

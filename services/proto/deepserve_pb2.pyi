@@ -230,7 +230,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "ready", "execution_provider", "sha256", "load_seconds", "metrics", "batching")
+    __slots__ = ("name", "version", "kind", "ready", "execution_provider", "sha256", "load_seconds", "metrics", "batching", "role", "share")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,8 @@ class ModelInfo(_message.Message):
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     kind: str
@@ -263,4 +265,6 @@ class ModelInfo(_message.Message):
     load_seconds: float
     metrics: _containers.ScalarMap[str, float]
     batching: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., ready: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., sha256: _Optional[str] = ..., load_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., batching: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    role: str
+    share: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., ready: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., sha256: _Optional[str] = ..., load_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., batching: _Optional[_Mapping[str, float]] = ..., role: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...

@@ -3,7 +3,8 @@
 ``deepserve build`` writes it, the serving layer reads it. The format is documented in
 docs/model-repository.md; this package is its only reader and writer. Loading a model
 verifies the ONNX file's sha256 against the manifest and refuses a changed file: a
-swapped model file is how a backdoor gets in.
+swapped model file is how a backdoor gets in. Sidecar files (per-model data kept beside the
+ONNX file, listed in the manifest's ``files`` with their sha256) are verified the same way.
 
 The repository is a local directory (a shared volume, read in place) or a URI that fsspec
 reads (``http://``, ``s3://``, ``gs://``, ...): :mod:`deepserve.repository.remote` mirrors
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -76,6 +78,9 @@ class Manifest:
     threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # kind-specific settings
     file: str = MODEL_FILE
+    # Sidecar files in the version folder (relative path -> sha256), read and verified with
+    # the model file; the runtime of the model's kind knows what they hold.
+    files: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -108,11 +113,13 @@ class ModelVersion:
         Raises:
             ModelIntegrityError: the manifest's ``file`` leads out of the version folder.
         """
+        return self._inside(self.manifest.file)
+
+    def _inside(self, file: str) -> Path:
         # A fault of the repository, not of a client's request: hence ModelIntegrityError
         # (FAILED_PRECONDITION) rather than InvalidInput. A manifest naming "../other/model.onnx"
         # or "/etc/passwd" would have the sha256 check vouch for a file that is not this
         # version's, and would have a remote repository's cache write outside itself.
-        file = self.manifest.file
         relative = PurePosixPath(file)
         path = self.directory / relative
         if (not relative.parts or relative.is_absolute() or ".." in relative.parts
@@ -135,19 +142,35 @@ class ModelVersion:
             ModelIntegrityError: the file is missing or its sha256 differs.
             RepositoryUnavailable: a remote repository cannot be read.
         """
-        path = self.model_path
+        return self._read_verified(self.model_path, self.manifest.sha256)
+
+    def read_files(self) -> dict[str, bytes]:
+        """The sidecar files the manifest lists, each read and checked against its sha256
+        like the model file (a remote version's are fetched into the cache first).
+
+        Returns:
+            Relative path -> the bytes that were checked (empty when the manifest lists none).
+
+        Raises:
+            ModelIntegrityError: a file leads out of the version folder, is missing, or its
+                sha256 differs.
+            RepositoryUnavailable: a remote repository cannot be read.
+        """
+        return {file: self._read_verified(self._inside(file), sha256) for file, sha256 in self.manifest.files.items()}
+
+    def _read_verified(self, path: Path, sha256: str) -> bytes:
         # Remote: a cached copy that matches is used as is; a missing or changed one is fetched.
-        if self.origin is not None and not (path.is_file() and sha256_file(path) == self.manifest.sha256):
-            self.origin.fetch_model(path.relative_to(self.origin.root).as_posix(), self.manifest.sha256)
+        if self.origin is not None and not (path.is_file() and sha256_file(path) == sha256):
+            self.origin.fetch_model(path.relative_to(self.origin.root).as_posix(), sha256)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ModelIntegrityError(f"model file {path} cannot be read: {exc.strerror}") from None
         digest = hashlib.sha256(data).hexdigest()
-        if digest != self.manifest.sha256:
+        if digest != sha256:
             raise ModelIntegrityError(
                 f"model file {path} does not match its manifest: sha256 is {digest}, "
-                f"manifest says {self.manifest.sha256}; refusing to load a changed model file"
+                f"manifest says {sha256}; refusing to load a changed model file"
             )
         return data
 
@@ -188,6 +211,17 @@ class LocalFiles:
     def manifest(self, name: str, version: str) -> str | None:
         path = self.root / name / version / MANIFEST_FILE
         return path.read_text() if path.is_file() else None
+
+    def read_text(self, *parts: str) -> str | None:
+        path = self.root.joinpath(*parts)
+        return path.read_text() if path.is_file() else None
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """Replace a file atomically: readers see the old content or the new, never half."""
+        path = self.root.joinpath(*parts)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+            tmp.write(text)
+        os.replace(tmp.name, path)
 
 
 def _files_at(location: str | os.PathLike[str]) -> LocalFiles | RemoteFiles:
@@ -279,6 +313,26 @@ class ModelRepository:
                 f"the Serve config pins {pinned}; refusing it"
             )
         return model, model.read_model_bytes()
+
+    def routing(self, name: str) -> dict | None:
+        """The model's ``routing.json`` (written by ``deepserve rollout``), None when it has none.
+
+        Raises:
+            RepositoryUnavailable: a remote repository cannot be read.
+            ValueError: the file is not JSON.
+        """
+        from deepserve.lifecycle import ROUTING_FILE
+
+        text = self._files.read_text(name, ROUTING_FILE) if _is_folder_name(name) else None
+        return None if text is None else json.loads(text)
+
+    def write_routing(self, name: str, routing: dict) -> None:
+        """Replace the model's ``routing.json``; every serving process picks it up at its next poll."""
+        from deepserve.lifecycle import ROUTING_FILE
+
+        if not self.versions(name):
+            raise ModelNotFound(f"model '{name}' is not in the repository {self.location}")
+        self._files.write_text(json.dumps(routing, indent=2) + "\n", name, ROUTING_FILE)
 
 
 def next_version(root: Path, name: str) -> str:

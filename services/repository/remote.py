@@ -76,8 +76,24 @@ class RemoteFiles:
         except FileNotFoundError:
             return None
 
+    def read_text(self, *parts: str) -> str | None:
+        try:
+            return self._fetch("/".join(parts)).read_text()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """Write a file to the repository (object stores replace a key atomically); an HTTP
+        repository is read-only and says so."""
+        url = "/".join([self.location, *parts])
+        try:
+            self.fs.pipe_file("/".join([self._path.rstrip("/"), *parts]), text.encode())
+        except Exception as exc:  # noqa: BLE001 - each fsspec backend raises its own
+            raise RepositoryUnavailable(f"cannot write {url}: {type(exc).__name__}: {exc}") from exc
+
     def fetch_model(self, relative: str, sha256: str) -> None:
-        """Download a model file into the cache; it arrives only if its sha256 matches.
+        """Download a model file (or a sidecar file) into the cache; it arrives only if its
+        sha256 matches.
 
         Args:
             relative: the file's path in the repository, e.g. ``fraud-autoencoder/1/model.onnx``.

@@ -13,6 +13,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 from sklearn.metrics import roc_auc_score
 
+from deepserve.drift import Reference, psi
 from deepserve.models import fraud
 from deepserve.repository import ModelRepository
 
@@ -60,6 +61,40 @@ def test_same_seed_same_metrics(built, breast_cancer_csv, tmp_path):
     again = _build(breast_cancer_csv, tmp_path)
     assert again.manifest.metrics == built.manifest.metrics
     assert again.manifest.threshold == built.manifest.threshold
+    assert again.manifest.extra["score_reference"] == built.manifest.extra["score_reference"]
+
+
+def test_score_reference_is_the_calibration_rows_scores(built, breast_cancer_csv):
+    """The drift reference: equal-frequency bins of the held-out normal rows' scores, which
+    the exported graph reproduces bin for bin."""
+    reference = Reference.from_extra(built.manifest.extra)
+    table = fraud.load_table(breast_cancer_csv, "malignant")
+    _, calibration, _ = fraud.split_rows(table.label, built.manifest.seed)
+    session = ort.InferenceSession(built.read_model_bytes(), providers=["CPUExecutionProvider"])
+    score, = session.run(["score"], {"transactions": table.x[calibration].astype(np.float32)})
+    assert reference.measure == "score" and reference.rows == len(calibration) == 71
+    assert len(reference.edges) == 9 and reference.edges[0] > 0
+    counts = reference.counts(score)
+    assert counts.tolist() == np.round(np.asarray(reference.fractions) * len(score)).tolist()
+    assert psi(reference.fractions, counts) < 1e-12
+
+
+def test_an_unlabelled_table_builds_with_its_false_positive_rate_only(breast_cancer_csv, tmp_path):
+    """No label column: the model card reports what can be measured (no ROC) instead of failing."""
+    with open(breast_cancer_csv) as f:
+        rows = [r[:-1] for r in csv.reader(f)]
+    unlabelled = tmp_path / "unlabelled.csv"
+    with open(unlabelled, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    done = subprocess.run([sys.executable, "-m", "deepserve.cli", "build", "--only", "fraud-autoencoder",
+                           "--data", str(unlabelled), "--name", "unlabelled-ae", "--repo", str(tmp_path / "repo")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = ModelRepository(tmp_path / "repo").get("unlabelled-ae")
+    assert "roc_auc" not in model.manifest.metrics
+    assert 0 <= model.manifest.metrics["false_positive_rate_at_threshold"] <= 0.1
+    card = (model.directory / "card.md").read_text()
+    assert "only the false-positive rate is measured" in card and "ROC-AUC" not in card
 
 
 def test_bad_table_is_a_clear_error(tmp_path):

@@ -114,16 +114,21 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 def scraped(metric: str, **labels: str) -> float:
     """The sum of ``metric``'s series on the cluster's Prometheus endpoint whose labels include
     ``labels`` (Ray adds per-process labels: summing over them is what a query would do)."""
+    return sum(samples(metric, **labels))
+
+
+def samples(metric: str, **labels: str) -> list[float]:
+    """The values of ``metric``'s series whose labels include ``labels`` ([] when none is exported)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    total = 0.0
+    found = []
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match and match["name"] == metric:
-            found = dict(_LABEL.findall(match["labels"]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(match["value"])
-    return total
+            series = dict(_LABEL.findall(match["labels"]))
+            if all(series.get(k) == v for k, v in labels.items()):
+                found.append(float(match["value"]))
+    return found
 
 
 def replica_actors(app: str, deployment: str) -> set[tuple[str, str]]:

@@ -88,7 +88,15 @@ def test_model_options_are_checked_at_deploy_time(repository):
         ({"batching": {"max_queued": -1}}, "models.digit-diffusion.batching.max_queued: Input should be greater"),
         ({"batching": {"max_batch": 8}}, "models.digit-diffusion.batching.max_batch: unknown option"),
         ({"batching": {"max_wait_s": "soon"}}, "models.digit-diffusion.batching.max_wait_s: Input should be a valid number"),
-        ({"sha256": "abc"}, "models.digit-diffusion.sha256: String should match pattern"),
+        ({"sha256": "abc"}, "models.digit-diffusion.sha256: a sha256 digest is 64 lowercase hex digits"),
+        ({"sha256": {"v1": "0" * 64}}, "models.digit-diffusion.sha256: pinned versions are integers"),
+        ({"versions": {"latest": 0}}, "models.digit-diffusion.versions.latest: Input should be greater than or equal to 1"),
+        ({"versions": {"latest": 2, "all": True}}, "models.digit-diffusion.versions: choose one of latest, specific, all"),
+        ({"versions": {"newest": 2}}, "models.digit-diffusion.versions.newest: unknown option"),
+        ({"versions": {"specific": [99]}}, "models.digit-diffusion: versions [99] are not in the repository"),
+        ({"route": {"default": 99}}, "models.digit-diffusion: the route names version(s) ['99']"),
+        ({"route": {"canary": {"version": 1, "weight": 1.5}}}, "models.digit-diffusion.route.canary.weight: Input should be less than 1"),
+        ({"route": {"default": 1, "shadow": {"version": 1}}}, "models.digit-diffusion.route: the shadow is the default version"),
     ]:
         with pytest.raises(ValueError) as failed:
             build({"digit-diffusion": bad})
@@ -110,3 +118,9 @@ def test_a_pinned_digest_refuses_a_swapped_model(repository):
     assert build_app({"repository": str(repository.root), "models": {"fraud-autoencoder": {"sha256": actual}}})
     with pytest.raises(ModelIntegrityError, match="the Serve config pins " + "0" * 64):
         build_app({"repository": str(repository.root), "models": {"fraud-autoencoder": {"sha256": "0" * 64}}})
+    # Pinned per version: a version the mapping does not name is never loaded.
+    version = repository.latest_version("fraud-autoencoder")
+    pinned = {"repository": str(repository.root)}
+    assert build_app({**pinned, "models": {"fraud-autoencoder": {"sha256": {version: actual}}}})
+    with pytest.raises(ModelIntegrityError, match=f"version {version} is not pinned in the Serve config"):
+        build_app({**pinned, "models": {"fraud-autoencoder": {"sha256": {str(int(version) + 1): actual}}}})

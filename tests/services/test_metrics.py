@@ -217,4 +217,69 @@ def test_promtool_accepts_config_and_rules():
     assert config.returncode == 0, config.stdout + config.stderr
     rules = subprocess.run([PROMTOOL, "check", "rules", "rules.yml"], cwd=PROJECT / "deploy/prometheus",
                            capture_output=True, text=True)
-    assert rules.returncode == 0 and "SUCCESS: 11 rules found" in rules.stdout, rules.stdout + rules.stderr
+    assert rules.returncode == 0 and "SUCCESS: 13 rules found" in rules.stdout, rules.stdout + rules.stderr
+
+
+@pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"), reason="promtool not installed")
+def test_rollout_alerts_fire_as_their_unit_tests_say():
+    """deploy/prometheus/rules_test.yml: which shadow divergences and drifts alert, and when."""
+    assert PROMTOOL, "promtool not installed: `make test` installs Debian's prometheus package"
+    result = subprocess.run([PROMTOOL, "test", "rules", "rules_test.yml"], cwd=PROJECT / "deploy/prometheus",
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------- rollout series, recorded locally
+
+
+class _Captured:
+    """Stands in for Ray's export: keeps what :meth:`Metrics.refresh` would hand to Ray."""
+
+    def __init__(self):
+        self.gauges = {}
+
+    def export(self, snapshot, tag_keys, everything):
+        self.gauges = snapshot["gauges"]
+
+
+def test_rollout_series_count_and_combine_across_gateway_workers():
+    from deepserve.metrics import Metrics
+
+    replica, worker = Metrics(True), Metrics(True)
+    replica._export = captured = _Captured()
+    for m, figures, psi in ((replica, {"psi": 0.05, "ks": 0.3, "flagged_rate_diff": 0.01, "agreement": 0.99}, 0.1),
+                            (worker, {"psi": 0.4, "ks": 0.1, "flagged_rate_diff": -0.03, "agreement": 0.9}, 0.3)):
+        m.routed("fraud-autoencoder", "2", "canary")
+        m.shadowed("fraud-autoencoder", "1", "2", "compared")
+        m.divergence("fraud-autoencoder", "1", "2", figures)
+        m.drift("fraud-autoencoder", "1", psi)
+    worker.shadowed("fraud-autoencoder", "1", "2", "shed")
+    replica.absorb("worker-0", worker.snapshot())
+    assert replica.route_requests.pending == {("fraud-autoencoder", "2", "canary"): 2}
+    assert replica.shadow_requests.pending == {("fraud-autoencoder", "1", "2", "compared"): 2,
+                                               ("fraud-autoencoder", "1", "2", "shed"): 1}
+    replica.refresh()
+    key = ("fraud-autoencoder", "1", "2")
+    # The worst of the two processes: the larger distance, the signed difference farthest
+    # from 0, the lower agreement.
+    assert captured.gauges["deepserve_shadow_divergence"] == {
+        (*key, "psi"): 0.4, (*key, "ks"): 0.3, (*key, "flagged_rate_diff"): -0.03, (*key, "agreement"): 0.9}
+    assert captured.gauges["deepserve_drift_psi"] == {("fraud-autoencoder", "1"): 0.3}
+
+    # New figures replace the pair's old ones; {} and None remove the series.
+    replica.divergence("fraud-autoencoder", "1", "2", {"psi": 0.01})
+    assert replica.shadow_divergence.values == {(*key, "psi"): 0.01}
+    replica.divergence("fraud-autoencoder", "1", "2", {})
+    replica.drift("fraud-autoencoder", "1", None)
+    assert replica.shadow_divergence.values == {} and replica.drift_psi.values == {}
+
+
+def test_rollout_recording_is_a_no_op_when_disabled():
+    from deepserve.metrics import Metrics
+
+    m = Metrics(False)
+    m.routed("m", "1", "default")
+    m.shadowed("m", "1", "2", "failed")
+    m.divergence("m", "1", "2", {"psi": 1.0})
+    m.drift("m", "1", 0.5)
+    assert m.snapshot() == {"counters": {}, "histograms": {}, "gauges": {}}
