@@ -17,7 +17,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation bench-build overload fuzz protos protos-check k8s k8s-check clean distclean
+.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation bench-build bench-recommender overload fuzz protos protos-check k8s k8s-check clean distclean
 
 install: $(STAMP)
 
@@ -80,6 +80,11 @@ bench-generation: models
 BUILD_ROWS ?= 1000000 10000000
 bench-build: $(STAMP)
 	$(PY) loadtests/bench/build_memory.py --rows $(BUILD_ROWS)
+
+# The graph recommender on generated clustered graphs of 5k, 50k and 200k users (10 edges per user):
+# build time, peak RSS, served p50/p99 per request and recall@10 (docs/benchmarks.md).
+bench-recommender: $(STAMP)
+	$(PY) -m loadtests.bench.recommender
 
 # Four times the capacity, open loop, against the shipped admission bounds: offered and admitted
 # rates, latencies against the unloaded ones, refusals and every other status code (docs/reliability.md).

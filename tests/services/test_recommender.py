@@ -1,5 +1,5 @@
-"""The graph recommender, served: acceptance figures through the service, cold start,
-exclusions, limits, and the Open Inference Protocol path."""
+"""The graph recommender, served: acceptance figures through the service (on the clustered
+graph it is built on), cold start, exclusions, limits, and the Open Inference Protocol path."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def test_served_recall_beats_the_baselines_and_cold_start_holds_up(client, evalu
     exclude = [np.append(train_lists[u], u) for u in users]
     warm = graph.recall_at_k(ranked, targets, K)
     popularity = graph.recall_at_k(graph.popularity_baseline(degree, exclude, K), targets, K)
-    adamic_adar = graph.recall_at_k(graph.adamic_adar_baseline(
-        n, split.train_edges, [train_lists[u] for u in users], exclude, K), targets, K)
+    own = [train_lists[u] for u in users]
+    adamic_adar = graph.recall_at_k(graph.adamic_adar_baseline(n, split.train_edges, own, exclude, K), targets, K)
+    common = graph.recall_at_k(graph.common_neighbours_baseline(n, split.train_edges, own, exclude, K), targets, K)
 
     # Held-out users through the typed API, from their known neighbours only.
     cold_users, known, cold_targets = graph.cold_queries(split)
@@ -64,12 +65,17 @@ def test_served_recall_beats_the_baselines_and_cold_start_holds_up(client, evalu
         assert response.cold_start and len(response.users) == K
         cold_ranked.append([r.user for r in response.users])
     cold = graph.recall_at_k(np.array(cold_ranked), cold_targets, K)
+    cold_popularity = graph.recall_at_k(graph.popularity_baseline(degree, known, K), cold_targets, K)
+    cold_adamic_adar = graph.recall_at_k(graph.adamic_adar_baseline(
+        n, split.train_edges, known, known, K, queries_in_graph=False), cold_targets, K)
 
-    print(f"served recall@10: warm {warm:.4f} (popularity {popularity:.4f}, Adamic-Adar {adamic_adar:.4f}); "
-          f"cold {cold:.4f} over {len(cold_users)} held-out users")
+    print(f"served recall@10 on the clustered graph: warm {warm:.4f} (popularity {popularity:.4f}, common "
+          f"neighbours {common:.4f}, Adamic-Adar {adamic_adar:.4f}); cold {cold:.4f} (popularity "
+          f"{cold_popularity:.4f}, Adamic-Adar {cold_adamic_adar:.4f}) over {len(cold_users)} held-out users")
     assert len(users) > 1000 and len(cold_users) > 100
-    assert warm >= 2 * popularity
-    assert warm >= adamic_adar
+    assert warm >= 2 * popularity and cold >= 2 * cold_popularity
+    assert warm >= 1.05 * max(adamic_adar, common)
+    assert cold >= cold_adamic_adar
     assert cold >= 0.7 * warm
 
 
@@ -81,7 +87,8 @@ def test_typed_api_and_open_inference_protocol_agree(client, evaluation):
         response = client.recommend(user=int(u), k=5)
         assert not response.cold_start
         assert [r.user for r in response.users] == row.tolist()
-        np.testing.assert_allclose([r.score for r in response.users], row_scores, rtol=1e-6)
+        # Batches of 20 and of 1 sum in another order: float32 rounding, not another ranking.
+        np.testing.assert_allclose([r.score for r in response.users], row_scores, rtol=1e-5, atol=1e-6)
         assert np.all(np.diff(row_scores) <= 0)
 
 
