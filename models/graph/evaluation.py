@@ -88,23 +88,10 @@ def adamic_adar_baseline(num_nodes: int, train_edges: np.ndarray, query_neighbor
         queries_in_graph: False for new users: their edges are not in ``train_edges``, so
             each common neighbour's degree gets one more (the query's link).
     """
-    from scipy import sparse
-
     degree = np.bincount(train_edges.ravel(), minlength=num_nodes).astype(np.float64)
     degree = degree + (0 if queries_in_graph else 1)
     weight = 1.0 / np.log(np.maximum(degree, 2.0))  # a common neighbour has degree >= 2
-    src = np.concatenate([train_edges[:, 0], train_edges[:, 1]])
-    dst = np.concatenate([train_edges[:, 1], train_edges[:, 0]])
-    adjacency = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(num_nodes, num_nodes))
-    out, chunk = [], _rows_per_chunk(num_nodes)
-    for lo in range(0, len(query_neighbors), chunk):
-        part = query_neighbors[lo : lo + chunk]
-        rows = np.repeat(np.arange(len(part)), [len(a) for a in part])
-        cols = np.concatenate(part) if part else np.empty(0, np.int64)
-        q = sparse.csr_matrix((weight[cols], (rows, cols)), shape=(len(part), num_nodes))
-        out.append(top_k_excluding((q @ adjacency).toarray(), exclude[lo : lo + chunk], k))
-    return np.concatenate(out) if out else np.empty((0, k), np.int64)
-
+    return _two_hop_baseline(weight, num_nodes, train_edges, query_neighbors, exclude, k)
 
 
 def _rows_per_chunk(num_nodes: int) -> int:
