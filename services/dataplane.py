@@ -310,9 +310,9 @@ class DataPlane:
             self.metrics.shadowed(name, live.runtime.version, candidate_version, "shed")
             return
         key = (name, live.runtime.version, candidate_version)
-        comparison = self.comparisons.get(key)
-        if comparison is None:
-            comparison = self.comparisons[key] = live.runtime.shadow_comparison(candidate.runtime)
+        if key not in self.comparisons:  # None: the two cannot be compared (kept: decided once)
+            self.comparisons[key] = live.runtime.shadow_comparison(candidate.runtime)
+        comparison = self.comparisons[key]
         task = asyncio.get_running_loop().create_task(self._shadow(live, candidate, comparison, inputs, outputs))
         self.shadows.add(task)
         task.add_done_callback(self.shadows.discard)
