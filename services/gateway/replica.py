@@ -487,6 +487,9 @@ class Gateway:
                   for name, entry in self.plan.items()}
         ready = len(reports) == len(self.workers) and all(r["ready"] for r in reports)
         return {"port": self.port, "node": self.node, "pid": os.getpid(), "ready": ready, "models": models,
+                # The WorkerId label of this gateway's series on the node's metrics endpoint
+                # (several gateways, or applications, export the same model's series).
+                "worker_id": ray.get_runtime_context().get_worker_id(),
                 "workers": [{"index": w.index, "pid": w.pid, "alive": w.alive, "restarts": w.restarts}
                             for w in self.workers],
                 "worker_reports": reports}

@@ -31,7 +31,7 @@ import yaml
 
 from deepserve.cli import main as deepserve
 from deepserve.client import DeepServeClient
-from second_app import samples, scraped, second_app, wait_for
+from second_app import gateway_status, samples, scraped, second_app, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -144,8 +144,12 @@ def test_versions_are_served_side_by_side_and_named_requests_reach_them(lifecycl
 def test_drift_gauge_responds_to_shifted_traffic(lifecycle, figures):
     target, _ = lifecycle
 
+    # This application's gateway's series: the session's application serves the same model
+    # and version, and exports its own drift gauge (of whatever traffic other tests sent it).
+    gateway = gateway_status(APP)["worker_id"]
+
     def drift() -> float | None:
-        found = samples("ray_deepserve_drift_psi", model=MODEL, version="1")
+        found = samples("ray_deepserve_drift_psi", model=MODEL, version="1", WorkerId=gateway)
         return max(found) if found else None
 
     # Each of the gateway's processes keeps the last 5,000 scores it computed, and the gauge is
