@@ -175,14 +175,18 @@ class DataPlane:
         Raises:
             ModelNotFound: unknown name, or a version that is not served.
         """
-        versions = self.versions.get(name)
-        if versions is None:
-            raise ModelNotFound(f"model '{name}' is not served; served models: {sorted(self.versions)}")
+        versions = self._versions(name)
         model = versions.get(version or self.plans[name].default)
         if model is None:
             raise ModelNotFound(f"model '{name}' version '{version}' is not served; served versions: "
                                 f"{', '.join(sorted(versions, key=int))}")
         return model
+
+    def _versions(self, name: str) -> dict[str, ServedModel]:
+        versions = self.versions.get(name)
+        if versions is None:
+            raise ModelNotFound(f"model '{name}' is not served; served models: {sorted(self.versions)}")
+        return versions
 
     def route(self, name: str, version: str = "") -> ServedModel:
         """The version that answers an inference request: the one it names, or the plan's
@@ -190,10 +194,7 @@ class DataPlane:
         if version:
             model, why = self.get(name, version), "named"
         else:
-            versions = self.versions.get(name)
-            if versions is None:
-                raise ModelNotFound(f"model '{name}' is not served; served models: {sorted(self.versions)}")
-            plan = self.plans[name]
+            versions, plan = self._versions(name), self.plans[name]
             chosen, why = (plan.default, "default") if plan.canary is None else pick(plan, lifecycle.key())
             model = versions[chosen]
         lifecycle.answered_by.set(model.runtime.version)
