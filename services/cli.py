@@ -178,6 +178,8 @@ def _serve(args: argparse.Namespace) -> int:
         app_args["reflection"] = True
     if args.health_port is not None:
         app_args["health_port"] = args.health_port
+    if args.admission_front:
+        app_args["admission_front"] = True
     deployments = app_config.get("deployments") or []
     if args.models:  # a subset of the config's models, with their configured options
         configured = app_args.get("models") or {}
@@ -223,7 +225,8 @@ def _serve(args: argparse.Namespace) -> int:
     serve.run(app, name=app_name, route_prefix=None)  # returns once every replica has started
     status = _wait_ready(serve.get_app_handle(app_name), timeout=120)
     where = "every serving node" if args.address else "this machine"
-    print(f"DeepServe ready in {time.perf_counter() - started:.1f} s on port {port} of {where} "
+    front = " behind the admission front (nginx)" if status.get("front") else ""
+    print(f"DeepServe ready in {time.perf_counter() - started:.1f} s on port {port} of {where}{front} "
           f"(Open Inference Protocol v2 + deepserve.v1, gRPC); metrics on "
           f"{'the cluster nodes' if args.address else f'http://127.0.0.1:{metrics_port}/metrics'}:")
     for name, m in sorted(status["models"].items()):
@@ -427,6 +430,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--reflection", action="store_true", help="serve gRPC server reflection (off by default)")
     s.add_argument("--health-port", type=int, help="also serve grpc.health.v1 alone, in plaintext, on this port "
                    "(for probes that cannot speak TLS)")
+    s.add_argument("--admission-front", action="store_true",
+                   help="nginx in front of the gateway's workers: it holds the port and refuses calls beyond "
+                        "their bound at once, RESOURCE_EXHAUSTED (docs/reliability.md, 'Overload'); needs nginx")
     s.set_defaults(func=_serve)
 
     for name, func, helptext in (("score", _score, "score a CSV of transactions (fraud-autoencoder)"),

@@ -435,6 +435,10 @@ class GrpcServer:
         reuse_port: share the ports with the other servers of this gateway (SO_REUSEPORT: the
             kernel spreads new connections over them). The gateway replica checks first that
             no other process holds them (:func:`deepserve.gateway.replica.claim_port`).
+        unix_socket: listen on this unix socket path instead of ``host:port`` (a worker behind
+            the admission front, :mod:`deepserve.gateway.front`).
+        health_unix_socket: like ``health_port``, on this unix socket path (behind the front,
+            which serves the health port).
 
     Raises:
         RuntimeError: a port cannot be bound: without ``reuse_port``, any process holding it.
@@ -444,7 +448,8 @@ class GrpcServer:
                  max_connection_age_s: float = 60.0, grace_s: float = 30.0,
                  security: ServerSecurity | None = None, reflection: bool = False,
                  health_port: int | None = None, max_concurrent_rpcs: int | None = None,
-                 reuse_port: bool = False):
+                 reuse_port: bool = False, unix_socket: str | None = None,
+                 health_unix_socket: str | None = None):
         self.dataplane = dataplane
         self.security = security or ServerSecurity()
         # Beyond max_concurrent_rpcs, grpc.aio takes no new call until one ends.
@@ -478,13 +483,24 @@ class GrpcServer:
             names = (*SERVICE_NAMES, "grpc.health.v1.Health", grpc_reflection.SERVICE_NAME)
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
                 grpc_reflection.aio.ReflectionServicer(names, pool=_reflection_pool()), registry)
-        self.address = f"{host}:{port}"
-        self.port = self._bind(self.server, host, port, self.security.credentials, "grpc_port")
+        if unix_socket is not None:
+            self.address = f"unix:{unix_socket}"
+            if self.server.add_insecure_port(self.address) == 0:
+                raise RuntimeError(f"cannot listen on {self.address}")
+            self.port = 0
+        else:
+            self.address = f"{host}:{port}"
+            self.port = self._bind(self.server, host, port, self.security.credentials, "grpc_port")
         self.health_server = None
-        if health_port is not None:  # health alone, open: nothing else is served there
+        if health_port is not None or health_unix_socket is not None:  # health alone, open: nothing else
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, TolerantRegistry(self.health_server))
-            self.health_port = self._bind(self.health_server, host, health_port, None, "health_port")
+            if health_unix_socket is not None:
+                if self.health_server.add_insecure_port(f"unix:{health_unix_socket}") == 0:
+                    raise RuntimeError(f"cannot listen on unix:{health_unix_socket}")
+                self.health_port = 0
+            else:
+                self.health_port = self._bind(self.health_server, host, health_port, None, "health_port")
 
     @staticmethod
     def _bind(server, host: str, port: int, credentials, setting: str) -> int:

@@ -307,6 +307,10 @@ class Metrics:
         self.drift_psi = Gauge(
             "deepserve_drift_psi", "PSI of the recent served scores (confidences) against the training reference.",
             tag_keys=_MODEL)  # across workers: the highest
+        self.front_refusals = Counter(
+            "deepserve_front_refused",
+            "Calls the admission front (nginx, admission_front) answered RESOURCE_EXHAUSTED before any "
+            "gateway worker saw them, by gRPC method.", tag_keys=("method",))
         self.memory = Gauge(
             "deepserve_process_resident_memory_bytes", "Resident memory of this serving process.",
             tag_keys=("component",))
@@ -386,6 +390,10 @@ class Metrics:
             key = (model, version)
             for p in probabilities[:SAMPLED_ROWS].max(axis=1).tolist():
                 self.confidence.observe(p, key)
+
+    def front_refused(self, method: str, count: int) -> None:
+        if self.enabled:
+            self.front_refusals.inc(count, (method,))
 
     def routed(self, model: str, version: str, route: str) -> None:
         """A request went to ``version`` because of ``route``: ``default``, ``canary`` or

@@ -44,6 +44,21 @@ class Settings(BaseSettings):
     refuse calls beyond it: it stops taking new calls from gRPC's own queue until one ends
     (docs/reliability.md, "Overload", says what that means under overload)."""
 
+    admission_front: bool = False
+    """Put nginx in front of the gateway's workers (services/gateway/front.py): it holds
+    ``grpc_port`` and answers a call beyond ``front_in_flight`` with RESOURCE_EXHAUSTED at once,
+    which grpc.aio alone cannot do under a heavy overload (docs/reliability.md, "Overload").
+    Needs the ``nginx`` executable (Debian: nginx-light)."""
+
+    front_in_flight: int = Field(default=32, ge=1)
+    """With ``admission_front``: calls each gRPC method group (OIP inference; fraud scoring,
+    classification, generation, recommendation) may have in flight behind the front, per gateway
+    worker process; beyond it RESOURCE_EXHAUSTED. Calls queue in the workers up to this bound, so it
+    also bounds the wait of an admitted call: about front_in_flight / the rate one worker serves."""
+
+    front_binary: str = "nginx"
+    """The nginx executable for ``admission_front`` (a name on PATH or /usr/sbin, or a path)."""
+
     max_rows_in_flight: int = Field(default=65536, ge=1)
     """Rows (transactions, images, users) of all requests a gateway holds at once; beyond
     it RESOURCE_EXHAUSTED."""

@@ -11,6 +11,8 @@
 - :mod:`deepserve.gateway.channel`: the private channel between the two (gRPC over unix
   sockets): workers reach the ``deployment`` models through the replica, the replica asks
   workers for their status and metrics.
+- :mod:`deepserve.gateway.front`: the admission front (``admission_front``): nginx on the port,
+  in front of the workers, refusing beyond a bound of calls in flight; the replica runs it.
 
 This package's ``__init__`` imports nothing: a worker must not import Ray by accident.
 """

@@ -59,6 +59,7 @@ from ray.serve.schema import LoggingConfig
 from deepserve import metrics
 from deepserve.errors import DeadlineExceeded, DeepServeError, InvalidInput, ModelNotReady, Overloaded
 from deepserve.gateway.channel import CONTROL, MARGIN_S, RELAY, Client, server
+from deepserve.gateway.front import Front, FrontConfig, find_binary
 from deepserve.memory import tune_allocator
 from deepserve.loading import pinned_digest
 from deepserve.repository import ModelRepository
@@ -240,6 +241,10 @@ class WorkerProcess:
     def __init__(self, index: int, spec: dict[str, Any], workdir: str):
         self.index = index
         self.spec = {**spec, "index": index, "control": os.path.join(workdir, f"worker-{index}.sock")}
+        if spec.get("behind_front"):  # the admission front forwards calls to these sockets
+            self.spec["unix_socket"] = os.path.join(workdir, f"grpc-{index}.sock")
+            if spec.get("front_health"):  # the front's health port: up while the worker drains
+                self.spec["health_socket"] = os.path.join(workdir, f"health-{index}.sock")
         self.process: subprocess.Popen | None = None
         self.control: Client | None = None
         self.pid = 0
@@ -345,19 +350,35 @@ class Gateway:
         self.relay = server(relay_path, RELAY, {"call": self._call, "counts": self._counts, "figures": self._figures},
                             {"generate": self._generate})
         await self.relay.start()
+        worker_options = {**options, "health_port": health_port}
+        if settings.admission_front:  # the front holds the ports and TLS; the workers check tokens
+            worker_options.update(health_port=None, tls_cert_file="", tls_key_file="", tls_client_ca_file="",
+                                  max_connection_age_s=1e6)  # the front ages client connections
         spec = {
             "parent_pid": os.getpid(), "repository": repository, "plan": plan,
-            "options": {**options, "health_port": health_port}, "port": self.port, "node": self.node,
-            "relay": relay_path, "drain_s": self.drain_s,
+            "options": worker_options, "port": self.port, "node": self.node,
+            "relay": relay_path, "drain_s": self.drain_s, "behind_front": settings.admission_front,
+            "front_health": health_port is not None,
             "index_of_repository": {name: repo.versions(name) for name in repo.model_names()},
         }
         count = settings.gateway_processes or available_cores()
         self.workers = [WorkerProcess(i, spec, self.workdir) for i in range(count)]
+        self.front: Front | None = None
         try:
+            if settings.admission_front:
+                config = FrontConfig.from_settings(
+                    settings, self.port, self.workdir, [w.spec["unix_socket"] for w in self.workers], health_port,
+                    [w.spec["health_socket"] for w in self.workers if "health_socket" in w.spec])
+                self.front = Front(config, find_binary(settings.front_binary))
+                self.front.check()
             await asyncio.gather(*(w.start() for w in self.workers))
+            if self.front is not None:
+                await self.front.start()
         except Exception:
             for w in self.workers:
                 w.kill()
+            if self.front is not None:
+                self.front.kill()
             await self.relay.stop(0)
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
@@ -365,8 +386,8 @@ class Gateway:
         self.stopping = False
         self._last_report = (time.monotonic(), 0)
         self.supervisor = asyncio.get_running_loop().create_task(self._supervise())
-        log.warning("gateway listening on port %d with %d worker process(es): %s", self.port, count,
-                    [w.pid for w in self.workers])
+        log.warning("gateway listening on port %d with %d worker process(es)%s: %s", self.port, count,
+                    " behind the admission front (nginx)" if self.front else "", [w.pid for w in self.workers])
 
     # ------------------------------------------------------------------ the relay (workers' calls)
 
@@ -427,6 +448,8 @@ class Gateway:
                     if not worker.alive and (task is None or task.done()):
                         restarting[worker.index] = asyncio.get_running_loop().create_task(self._restart(worker))
                 await asyncio.gather(*(self._collect(w) for w in self.workers if w.alive and w.down_since is None))
+                if self.front is not None:
+                    await self._tend_front()
                 metrics.get().refresh("gateway")
             except Exception:  # keep supervising whatever happens
                 log.exception("gateway supervision failed")
@@ -446,6 +469,22 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - tried again next second; the health check says so meanwhile
             log.error("gateway worker %d did not restart: %s", worker.index, exc)
 
+    async def _tend_front(self) -> None:
+        """Count the front's refusals; restart it if it died (its port is then closed: clients
+        reconnect once it is back)."""
+        for method, count in self.front.refusals().items():
+            metrics.get().front_refused(method, count)
+        if self.front.alive or self.stopping:
+            return
+        if self.front.down_since is None:
+            self.front.down_since = time.monotonic()
+            log.error("admission front exited with code %s: restarting it", self.front.process.returncode)
+        try:
+            await self.front.start()
+            self.front.restarts += 1
+        except Exception as exc:  # noqa: BLE001 - tried again next second; the health check says so meanwhile
+            log.error("admission front did not restart: %s", exc)
+
     async def _collect(self, worker: WorkerProcess) -> None:
         try:
             report = await worker.control.call("report", timeout=self.settings.probe_timeout_s)
@@ -464,6 +503,9 @@ class Gateway:
                 and time.monotonic() - w.down_since > WORKER_DOWN_S]
         if down:
             raise RuntimeError(f"gateway worker(s) {down} down for more than {WORKER_DOWN_S:g} s")
+        if self.front is not None and self.front.down_since is not None \
+                and time.monotonic() - self.front.down_since > WORKER_DOWN_S:
+            raise RuntimeError(f"the admission front is down for more than {WORKER_DOWN_S:g} s")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """This replica's load for :class:`~deepserve.autoscaling.GatewayLoadPolicy`: its
@@ -492,6 +534,9 @@ class Gateway:
                 "worker_id": ray.get_runtime_context().get_worker_id(),
                 "workers": [{"index": w.index, "pid": w.pid, "alive": w.alive, "restarts": w.restarts}
                             for w in self.workers],
+                "front": None if self.front is None else {
+                    "pid": self.front.process.pid if self.front.process else 0, "alive": self.front.alive,
+                    "restarts": self.front.restarts, "in_flight_bound": self.front.config.in_flight},
                 "worker_reports": reports}
 
     async def __del__(self):
@@ -505,7 +550,7 @@ class Gateway:
         ``deployment`` model still crosses it.
         """
         workers = getattr(self, "workers", None)
-        if not workers:  # the constructor failed: nothing to drain
+        if not workers or not hasattr(self, "supervisor"):  # the constructor failed: nothing to drain
             return
         started = time.monotonic()
         self.stopping = True
@@ -513,6 +558,8 @@ class Gateway:
         log.warning("gateway stopping: draining %d inference call(s) for up to %g s",
                     sum(w.in_flight for w in workers), self.drain_s)
         await asyncio.gather(*(w.stop(self.drain_s) for w in workers))
+        if self.front is not None:  # it carried the drained calls' answers: now the port closes
+            self.front.stop()
         await self.relay.stop(0)
         shutil.rmtree(self.workdir, ignore_errors=True)
         log.warning("gateway drained in %.1f s", time.monotonic() - started)

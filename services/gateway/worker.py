@@ -6,7 +6,9 @@ on stdout with one JSON line: ``{"ready": true, ...}`` once it serves, or ``{"er
 before it exits. After that it logs to stderr (Ray's log of the replica) and:
 
 - serves both APIs on ``grpc_port`` (SO_REUSEPORT: the kernel spreads connections over the
-  replica's workers; the replica has checked that no one else holds the port);
+  replica's workers; the replica has checked that no one else holds the port), or, behind the
+  admission front (:mod:`deepserve.gateway.front`), on a unix socket of its own that the front
+  forwards calls to;
 - computes the models placed ``gateway`` in sessions of its own, and reaches the others
   through the replica (:class:`~deepserve.gateway.channel.RelayBackend`);
 - probes every model each ``readiness_poll_s`` and publishes health;
@@ -103,7 +105,8 @@ async def serve(spec: dict[str, Any]) -> None:
     grpc_server = GrpcServer(dataplane, settings.grpc_host, spec["port"], settings.max_message_bytes, spec["node"],
                              settings.max_connection_age_s, settings.connection_age_grace_s, security=security,
                              reflection=settings.reflection, health_port=settings.health_port,
-                             max_concurrent_rpcs=settings.max_concurrent_rpcs, reuse_port=True)
+                             max_concurrent_rpcs=settings.max_concurrent_rpcs, reuse_port=True,
+                             unix_socket=spec.get("unix_socket"), health_unix_socket=spec.get("health_socket"))
     component = f"gateway-worker-{index}"
 
     async def model_reports() -> dict[tuple[str, str], dict[str, Any]]:
