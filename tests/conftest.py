@@ -61,6 +61,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def nginx_or_skip() -> str:
+    """The nginx executable the admission front runs (``make tools`` installs it as root);
+    skips the test without it."""
+    from deepserve.gateway.front import find_binary
+
+    try:
+        return find_binary("nginx")
+    except RuntimeError:
+        pytest.skip("nginx is not installed (Debian: apt-get install nginx-light; `make tools` does it as root)")
+
+
 # The models as the tests serve them: both placements are exercised (the diffusion model's
 # streams cross Serve's handle), and digit-classifier gets a tiny queue so that overload
 # can be provoked (RESOURCE_EXHAUSTED).

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from ray import serve
 
-from conftest import free_port
+from conftest import free_port, nginx_or_skip
 from deepserve.app import STOP_MARGIN_S
 from deepserve.client import DeepServeClient
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
@@ -30,12 +30,17 @@ DEFAULT_TIMEOUT_S = 60.0  # so the drain, unset, lasts up to a minute
 Code = grpc.StatusCode
 
 
-@pytest.fixture(scope="module")
-def drain_app(server, repository):
+@pytest.fixture(scope="module", params=["grpc", "front"])
+def drain_app(request, server, repository):
+    """Without and with the admission front: behind it, the workers drain the same way and the
+    front carries the answers of the calls in flight, then closes the port."""
+    front = request.param == "front"
+    if front:
+        nginx_or_skip()
     health_port = free_port()
     models = {MODEL: {"placement": "deployment", "batching": {"max_batch_size": 256}}}
     with second_app(APP, repository.root, models, default_timeout_s=DEFAULT_TIMEOUT_S,
-                    health_port=health_port) as target:
+                    health_port=health_port, admission_front=front) as target:
         yield target, f"127.0.0.1:{health_port}"
 
 

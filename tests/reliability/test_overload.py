@@ -5,7 +5,10 @@ with RESOURCE_EXHAUSTED and a retry hint (the ``grpc-retry-pushback-ms`` trailer
 ends any other way (no DEADLINE_EXCEEDED pile-up, no CANCELLED); the gateway is ready and
 answers right afterwards.
 
-Its own application (tests/reliability/second_app.py) with the shipped admission settings:
+Two applications of its own (tests/reliability/second_app.py), one behind the admission
+front (nginx: ``admission_front``, services/gateway/front.py), which keeps this promise, and
+one without it, which does not (an xfail that shows what grpc.aio alone does), each with the
+shipped admission settings:
 the fraud model in the gateway (computed inline, on the event loop: the hottest path) and
 digit-classifier in the gateway too, batched behind a small ``max_queued``. For each, the
 load generator of ``make overload`` (loadtests/bench/overload.py) measures the capacity
@@ -24,6 +27,7 @@ import pytest
 
 from deepserve.client import DeepServeClient
 from deepserve.settings import Settings
+from conftest import nginx_or_skip
 from second_app import second_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtests" / "bench"))
@@ -42,30 +46,45 @@ FACTOR = 4.0
 OVERLOAD_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def gateway(server, repository):
-    """The second application's target. Its admission settings are the shipped defaults:
-    second_app turns the loop-lag bound off for the other reliability tests; here it is set
-    back to the default, read from Settings itself."""
+FRONT_IN_FLIGHT = 2  # per worker and method group: calls wait behind the front at most ~2 service times
+
+
+def _app(repository, **settings):
+    """The second application with the shipped admission settings: second_app turns the
+    loop-lag bound off for the other reliability tests; here it is set back to the default,
+    read from Settings itself."""
     shipped_lag = Settings.model_fields["max_loop_lag_s"].default
-    with second_app(APP, repository.root, MODELS, max_loop_lag_s=shipped_lag) as target:
+    return second_app(settings.pop("name"), repository.root, MODELS, max_loop_lag_s=shipped_lag, **settings)
+
+
+@pytest.fixture(scope="module")
+def fronted(server, repository):
+    """The gateway behind the admission front (nginx), bounded at FRONT_IN_FLIGHT per worker."""
+    nginx_or_skip()
+    with _app(repository, name=f"{APP}-front", admission_front=True, front_in_flight=FRONT_IN_FLIGHT) as target:
         yield target
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 12 is open on this: at 4x capacity grpc.aio leaves the excess in gRPC core's queue, where "
-    "no DeepServe code sees it, and core cancels it (CANCELLED) or it waits out its deadline; "
-    "docs/reliability.md, 'Overload', has the figures and the options. strict: the day it passes, "
-    "this mark must go"))
-@pytest.mark.parametrize("workload", sorted(WORKLOADS))
-def test_excess_load_is_refused_at_once_with_a_retry_hint(gateway, workload, figures):
-    report = overload.measure(gateway, WORKLOADS[workload](), factor=FACTOR, duration=OVERLOAD_S,
-                              closed_loop_s=2.0, concurrencies=(8, 32))
-    for name, value in report.figures().items():
-        figures[f"overload {workload}: {name}"] = value
-    o = report.overload
-    print(f"{workload}: capacity {report.capacity}\n{o.line()}\n{o.other_details}")
+@pytest.fixture(scope="module")
+def bare(server, repository):
+    """The gateway's workers on the port themselves (admission_front off, the default)."""
+    with _app(repository, name=APP) as target:
+        yield target
 
+
+def _overload(target: str, workload: str, figures: dict, label: str) -> overload.OpenLoop:
+    # Closed loop at concurrency up to 8: beyond the front's bound, a closed loop measures how fast
+    # refusals come back, not what the gateway serves.
+    report = overload.measure(target, WORKLOADS[workload](), factor=FACTOR, duration=OVERLOAD_S,
+                              closed_loop_s=2.0, concurrencies=(2, 4, 8))
+    for name, value in report.figures().items():
+        figures[f"overload {label} {workload}: {name}"] = value
+    o = report.overload
+    print(f"{label} {workload}: capacity {report.capacity}\n{o.line()}\n{o.other_details}")
+    return o
+
+
+def _assert_refused_at_once(o: overload.OpenLoop) -> None:
     assert o.sent > 0 and o.ok > 0, "nothing was answered during the overload"
     # No call waits out its deadline or is cut off: the excess is refused, nothing else.
     assert o.other_codes == {}, f"status codes besides OK and RESOURCE_EXHAUSTED: {o.other_codes} {o.other_details}"
@@ -76,9 +95,28 @@ def test_excess_load_is_refused_at_once_with_a_retry_hint(gateway, workload, fig
     assert o.slowest_ms < 1000, f"slowest call {o.slowest_ms:.0f} ms"
 
 
-def test_the_gateway_is_ready_and_answers_after_the_overload(gateway):
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_behind_the_front_excess_load_is_refused_at_once_with_a_retry_hint(fronted, workload, figures):
+    _assert_refused_at_once(_overload(fronted, workload, figures, "front"))
+
+
+def test_the_fronted_gateway_is_ready_and_answers_after_the_overload(fronted):
     """Runs after the overloads above (file order): nothing stays refused or broken."""
-    with DeepServeClient(gateway) as client:
+    with DeepServeClient(fronted) as client:
         client.wait_ready(timeout=10)
         assert len(client.score([[0.0] * 30]).results) == 1
         assert len(client.classify([np.zeros((8, 8))], model="digit-classifier").results) == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "without the admission front, at 4x capacity grpc.aio leaves the excess in gRPC core's queue, where "
+    "no DeepServe code sees it, and core cancels it (CANCELLED) or it waits out its deadline; "
+    "docs/reliability.md, 'Overload', has the figures. strict: the day it passes, this mark must go"))
+def test_without_the_front_excess_load_ends_in_grpc_cores_queue(bare, figures):
+    _assert_refused_at_once(_overload(bare, "fraud-1", figures, "no front"))
+
+
+def test_the_bare_gateway_is_ready_and_answers_after_the_overload(bare):
+    with DeepServeClient(bare) as client:
+        client.wait_ready(timeout=10)
+        assert len(client.score([[0.0] * 30]).results) == 1

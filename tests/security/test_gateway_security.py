@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import free_port
+from conftest import free_port, nginx_or_skip
 from deepserve.client import DeepServeClient, open_channel
 from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
@@ -43,20 +43,25 @@ def material(tmp_path_factory):
     return make_material(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture(scope="module")
-def secure(server, repository, material):
+@pytest.fixture(scope="module", params=["grpc", "front"])
+def secure(request, server, repository, material):
     """The gateway's target: TLS (no client certificate asked) and bearer tokens, one model in
-    the gateway. Its settings travel in the app's args, as `deepserve serve` sends them."""
+    the gateway. Its settings travel in the app's args, as `deepserve serve` sends them. Every
+    test runs twice: with the workers' gRPC server on the port, and behind the admission front
+    (nginx terminates TLS; the workers check the tokens)."""
     from ray import serve
 
     from deepserve.app import build_app
 
+    front = request.param == "front"
+    if front:
+        nginx_or_skip()
     port = free_port()
     app = build_app({
         "repository": str(repository.root), "models": {MODEL: {"placement": "gateway"}},
         "grpc_port": port, "grpc_host": "127.0.0.1", "readiness_poll_s": 0.5,
         "tls_cert_file": str(material.server_cert), "tls_key_file": str(material.server_key),
-        "auth_tokens_file": str(material.tokens),
+        "auth_tokens_file": str(material.tokens), "admission_front": front,
     }, [{"name": "Gateway", "ray_actor_options": {"num_cpus": 0.1}}])  # no gateway resource: the main app holds it
     serve.run(app, name=APP, route_prefix=None)
     target = f"127.0.0.1:{port}"
@@ -103,7 +108,8 @@ def test_tls_with_the_ca_works_and_without_it_fails(secure, material):
 # ---------------------------------------------------------------------------- tokens and groups
 
 
-def test_a_call_without_a_valid_token_is_unauthenticated(secure, material):
+def test_a_call_without_a_valid_token_is_unauthenticated(secure, material, request):
+    front = request.node.callspec.params["secure"] == "front"
     with DeepServeClient(secure, tls_ca=material.ca) as client:  # no token
         with pytest.raises(grpc.RpcError) as refused:
             client.score([ROW])
@@ -122,7 +128,8 @@ def test_a_call_without_a_valid_token_is_unauthenticated(secure, material):
         basic = (("authorization", f"Basic {material.inference_token}"),)
         twice = (("authorization", f"Bearer {material.inference_token}"),) * 2
         assert _code(stub.Score, request, metadata=basic) == Code.UNAUTHENTICATED
-        assert _code(stub.Score, request, metadata=twice) == Code.UNAUTHENTICATED
+        # The front (nginx) refuses a repeated authorization header itself, as a malformed request.
+        assert _code(stub.Score, request, metadata=twice) == (Code.INVALID_ARGUMENT if front else Code.UNAUTHENTICATED)
         lower = (("authorization", f"bearer {material.inference_token}"),)
         assert _code(stub.Score, request, metadata=lower) == Code.OK
 
@@ -220,8 +227,10 @@ def _log_files() -> list[Path]:
     return [p for p in logs.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
 
 
-def test_refusals_are_logged_without_the_token(secure, material):
+def test_refusals_are_logged_without_the_token(secure, material, request):
     """The gateway logs a refusal (method, peer, outcome) and no token ever reaches a log."""
+    # The peer: the client's address, or behind the front, the worker's socket the front called.
+    peer = "unix:" if request.node.callspec.params["secure"] == "front" else "ipv4:127.0.0.1:"
     wrong = "x" * 40 + material.admin_token[:8]  # distinct from every real token
     with DeepServeClient(secure, tls_ca=material.ca, token=wrong) as client:
         deadline = time.monotonic() + 20
@@ -230,7 +239,7 @@ def test_refusals_are_logged_without_the_token(secure, material):
             # deepserve's loggers write to the replica worker's stderr (the main app's gateway
             # has no tokens: every refusal line is the secure gateway's).
             text = "".join(p.read_text(errors="replace") for p in _log_files() if p.suffix == ".err")
-            if "refused /deepserve.v1.FraudScoring/Score from ipv4:127.0.0.1:" in text:
+            if f"refused /deepserve.v1.FraudScoring/Score from {peer}" in text:
                 break
             assert time.monotonic() < deadline, "no refusal in the secure gateway's log"
             time.sleep(0.2)

@@ -119,3 +119,51 @@ def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(mtl
         with pytest.raises(grpc.RpcError) as absent:
             oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(oip.ServerLiveRequest(), timeout=5)
         assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---------------------------------------------------------------------------- behind the admission front
+
+
+@pytest.fixture(scope="module")
+def mtls_front(server, repository, material):
+    """A gateway under Serve behind the admission front, which terminates mutual TLS (nginx's
+    ``ssl_verify_client``); the workers check the tokens."""
+    from ray import serve
+
+    from conftest import free_port, nginx_or_skip
+    from deepserve.app import build_app
+
+    nginx_or_skip()
+    port, app_name = free_port(), "deepserve-mtls-front"
+    app = build_app({
+        "repository": str(repository.root), "models": {"fraud-autoencoder": {"placement": "gateway"}},
+        "grpc_port": port, "grpc_host": "127.0.0.1", "readiness_poll_s": 0.5, "admission_front": True,
+        "tls_cert_file": str(material.server_cert), "tls_key_file": str(material.server_key),
+        "tls_client_ca_file": str(material.ca), "auth_tokens_file": str(material.tokens),
+    }, [{"name": "Gateway", "ray_actor_options": {"num_cpus": 0.1}}])
+    serve.run(app, name=app_name, route_prefix=None)
+    target = f"127.0.0.1:{port}"
+    try:
+        tls = dict(tls_ca=material.ca, tls_cert=material.client_cert, tls_key=material.client_key)
+        with open_channel(target, **tls) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        yield target
+    finally:
+        serve.delete(app_name)
+
+
+@pytest.mark.timeout(120)
+def test_behind_the_front_mtls_and_tokens_hold(mtls_front, material):
+    tls = dict(tls_ca=material.ca, tls_cert=material.client_cert, tls_key=material.client_key)
+    assert _health(mtls_front, **tls) == SERVING
+    with open_channel(mtls_front, token=material.metadata_token, **tls) as channel:
+        assert oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(oip.ServerLiveRequest(), timeout=5).live
+    with open_channel(mtls_front, token=material.inference_token, **tls) as channel:  # not its group
+        with pytest.raises(grpc.RpcError) as refused:
+            oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(oip.ServerLiveRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # nginx completes the handshake and refuses the call: without a certificate, or with one of
+    # another CA, the client is not authenticated (without the front: the handshake fails).
+    assert _health(mtls_front, tls_ca=material.ca) == grpc.StatusCode.UNAUTHENTICATED
+    assert _health(mtls_front, tls_ca=material.ca, tls_cert=material.rogue_cert,
+                   tls_key=material.rogue_key) == grpc.StatusCode.UNAUTHENTICATED
