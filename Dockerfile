@@ -10,6 +10,13 @@ FROM rayproject/ray:${RAY_TAG}
 # Filesystems for a repository URI, e.g. "s3fs" for s3://, "gcsfs" for gs:// (https:// needs none).
 ARG EXTRA_PACKAGES=""
 
+# nginx for the admission front (admission_front: services/gateway/front.py); the rest of Ray's
+# image is Ubuntu's, so its package manager. The image's user is ray: back to it after.
+USER root
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light \
+    && rm -rf /var/lib/apt/lists/*
+USER ray
+
 # Non-editable install: the package and its default Serve config go to site-packages; the
 # sources are only the build's input.
 COPY --chown=ray:users . /tmp/deepserve-src

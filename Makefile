@@ -17,7 +17,7 @@ MODELS := $(REPO)/fraud-autoencoder $(REPO)/digit-classifier $(REPO)/digit-class
 
 export DEEPSERVE_MODEL_REPOSITORY := $(abspath $(REPO))
 
-.PHONY: install models serve test tools perf-analyzer-install perf-analyzer bench bench-generation bench-build bench-recommender overload fuzz protos protos-check k8s k8s-check clean distclean
+.PHONY: install models serve nginx test tools perf-analyzer-install perf-analyzer bench bench-generation bench-build bench-recommender overload fuzz protos protos-check k8s k8s-check clean distclean
 
 install: $(STAMP)
 
@@ -34,19 +34,27 @@ models: $(STAMP)
 	if [ -n "$$missing" ]; then echo "building:$$missing"; $(BIN)/deepserve build --repo $(REPO) --seed $(SEED) $$missing; \
 	else echo "models present in $(REPO) (make distclean to rebuild)"; fi
 
-serve: models
-	$(BIN)/deepserve serve --repo $(REPO) --config deploy/serve_config.yaml
+# With the admission front (nginx in front of the gateway, docs/reliability.md "Overload") when
+# nginx is there (installed here as root); FRONT=0 serves without it.
+serve: models nginx
+	@front=$${FRONT:-$$( { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null 2>&1 && echo 1 || echo 0)}; \
+	echo "admission front: $$front"; \
+	$(BIN)/deepserve serve --repo $(REPO) --config deploy/serve_config.yaml $$([ "$$front" = 1 ] && echo --admission-front)
+
+nginx:
+	@$(MAKE) --no-print-directory tools DEBIAN_PACKAGES=nginx-light
 
 test: models tools perf-analyzer-install
 	$(PY) -m pytest
 
 # Debian's packages the tests use, installed where we may: Prometheus (server and promtool)
-# for the metrics tests, libb64 for perf_analyzer.
-DEBIAN_PACKAGES := prometheus libb64-0d
+# for the metrics tests, libb64 for perf_analyzer, nginx for the admission front. RUNLEVEL=1
+# keeps the packages from starting their own services (nginx would serve port 80).
+DEBIAN_PACKAGES := prometheus libb64-0d nginx-light
 tools:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "note: Debian packages missing (sudo apt-get install$$missing); the tests that need them will be skipped"; fi; fi
 
 # Triton's perf_analyzer, from the tritonclient 2.50.0 wheel (newer ones need glibc 2.38), with

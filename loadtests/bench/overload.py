@@ -21,6 +21,11 @@ rate actually sent).
     make overload              # or: python loadtests/bench/overload.py --repo model-repository
     python loadtests/bench/overload.py --target 127.0.0.1:9000   # an already running server
 
+Started here, it serves twice in turn: without the admission front (grpc.aio alone on the port)
+and with it (nginx in front of the workers, ``--front-in-flight`` calls per worker and method
+group). The closed loop tries concurrencies from 2: beyond the front's bound a closed loop
+measures how fast refusals come back, not what the gateway serves.
+
 Prints the figures; writes reports/overload.json.
 """
 
@@ -239,7 +244,7 @@ class Capacity:
     errors: dict = field(default_factory=dict)
 
 
-def capacity(target: str, workload: Workload, duration: float, concurrencies=(8, 32, 64)) -> Capacity:
+def capacity(target: str, workload: Workload, duration: float, concurrencies=(2, 4, 8, 32, 64)) -> Capacity:
     """Unloaded p50/p99 (one call at a time), then closed-loop req/s at each concurrency."""
     latencies, errors = drive(target, workload.payload, 1, duration, processes=1)
     unloaded = [float(x) for x in latencies]
@@ -313,7 +318,7 @@ class Report:
 
 def measure(target: str, workload: Workload, factor: float = 4.0, duration: float = 5.0,
             closed_loop_s: float = 3.0, processes: int = 2, timeout: float = 2.0,
-            concurrencies=(8, 32, 64)) -> Report:
+            concurrencies=(2, 4, 8, 32, 64)) -> Report:
     """Capacity, then ``factor`` times it open loop, then the time to recover."""
     cap = capacity(target, workload, closed_loop_s, concurrencies)
     over = open_loop(target, workload, factor * cap.requests_per_s, duration, processes, timeout)
@@ -340,49 +345,68 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", type=Path, default=PROJECT / "model-repository")
     p.add_argument("--target", help="an already running server (default: start `deepserve serve` here)")
+    p.add_argument("--front", choices=["both", "on", "off"], default="both",
+                   help="servers started here: with the admission front, without it, or one of each in turn")
+    p.add_argument("--front-in-flight", type=int, default=2,
+                   help="the front's bound per gateway worker and method group (default 2)")
     p.add_argument("--factor", type=float, default=4.0, help="offered load, times the capacity (default 4)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of overload per workload (default 5)")
     p.add_argument("--processes", type=int, default=2, help="open-loop generator processes (default 2)")
     p.add_argument("--max-queued", type=int, default=16, help="digit-classifier's max_queued (default 16)")
     p.add_argument("--workloads", nargs="+", default=["fraud-1", "digit-1"], choices=["fraud-1", "digit-1"])
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2,
+                   help="the generator on the last core, the server started here on the others (default on "
+                        "with 2 cores or more): otherwise the generator's own lag on busy cores is in every "
+                        "latency it measures")
     p.add_argument("--out", type=Path, default=PROJECT / "reports" / "overload.json")
     args = p.parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    server_prefix: list[str] = []
+    pinned = ""
+    if args.pin and len(cpus) >= 2:  # this process and the generators it spawns (they inherit it)
+        os.sched_setaffinity(0, {cpus[-1]})
+        server_prefix = ["taskset", "-c", ",".join(map(str, cpus[:-1]))]
+        pinned = f"; generator on core {cpus[-1]}, the server started here on {cpus[:-1]}"
 
     workloads = {"fraud-1": fraud_workload, "digit-1": classify_workload}
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}{pinned}"
     print(f"Overload at {args.factor:g}x capacity, {args.duration:g} s per workload; {machine}", flush=True)
-    reports: list[Report] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        server = None
-        target = args.target
-        if target is None:
-            port = free_port()
-            cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repo", str(args.repo), "--port", str(port),
-                   "--metrics-port", str(free_port()), "--config", str(serve_config(Path(tmp), args.max_queued)),
-                   "--models", "fraud-autoencoder", "digit-classifier"]
-            server = Server("deepserve", cmd, port).__enter__()
-            target = server.target
-        try:
-            for name in args.workloads:
-                print(f"{name}", flush=True)
-                report = measure(target, workloads[name](), args.factor, args.duration, processes=args.processes)
-                reports.append(report)
-                c = report.capacity
-                print(f"  unloaded p50 {c.unloaded_p50_ms} ms p99 {c.unloaded_p99_ms} ms; capacity "
-                      f"{c.requests_per_s:,.0f} req/s (closed loop, c={c.at_concurrency}; {c.by_concurrency})")
-                print(f"  overload: {report.overload.line()}")
-                print(f"  ready and answering {report.recovered_s:.2f} s after the overload", flush=True)
-        finally:
-            if server is not None:
-                server.__exit__()
+    reports: list[tuple[str, Report]] = []
+
+    def run(label: str, target: str) -> None:
+        for name in args.workloads:
+            print(f"{label}: {name}", flush=True)
+            report = measure(target, workloads[name](), args.factor, args.duration, processes=args.processes)
+            reports.append((label, report))
+            c = report.capacity
+            print(f"  unloaded p50 {c.unloaded_p50_ms} ms p99 {c.unloaded_p99_ms} ms; capacity "
+                  f"{c.requests_per_s:,.0f} req/s (closed loop, c={c.at_concurrency}; {c.by_concurrency})")
+            print(f"  overload: {report.overload.line()}")
+            print(f"  ready and answering {report.recovered_s:.2f} s after the overload", flush=True)
+
+    if args.target is not None:
+        run(args.target, args.target)
+    else:
+        fronts = {"both": [False, True], "on": [True], "off": [False]}[args.front]
+        with tempfile.TemporaryDirectory() as tmp:
+            for front in fronts:
+                port = free_port()
+                cmd = [sys.executable, "-m", "deepserve.cli", "serve", "--repo", str(args.repo), "--port", str(port),
+                       "--metrics-port", str(free_port()), "--config", str(serve_config(Path(tmp), args.max_queued)),
+                       "--models", "fraud-autoencoder", "digit-classifier"]
+                env = {"DEEPSERVE_ADMISSION_FRONT": "1" if front else "0",
+                       "DEEPSERVE_FRONT_IN_FLIGHT": str(args.front_in_flight)}
+                label = f"admission front ({args.front_in_flight} per worker)" if front else "no front"
+                with Server("deepserve", server_prefix + cmd, port, env) as server:
+                    run(label, server.target)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "factor": args.factor, "duration_s": args.duration,
-                                    "reports": [{"workload": r.workload, "figures": r.figures(),
+                                    "reports": [{"server": label, "workload": r.workload, "figures": r.figures(),
                                                  "capacity": asdict(r.capacity), "overload": asdict(r.overload)}
-                                                for r in reports]}, indent=2, default=float) + "\n")
+                                                for label, r in reports]}, indent=2, default=float) + "\n")
     print()
-    for r in reports:
-        print(f"| {r.workload} | " + " | ".join(f"{k}: {v}" for k, v in r.figures().items()) + " |")
+    for label, r in reports:
+        print(f"| {label} | {r.workload} | " + " | ".join(f"{k}: {v}" for k, v in r.figures().items()) + " |")
     return 0
 
 
