@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
+import ray
 from ray import serve
 
 from deepserve import metrics
@@ -141,7 +142,10 @@ class ModelReplica:
         return result
 
     async def info(self, version: str = "") -> dict[str, Any]:
-        return {**await (await self._backend(version)).info(), "pid": self.pid}
+        """The version's backend report, with this replica's pid and Ray ``WorkerId`` (the label
+        of its series on the node's metrics endpoint)."""
+        return {**await (await self._backend(version)).info(), "pid": self.pid,
+                "worker_id": ray.get_runtime_context().get_worker_id()}
 
     async def check(self, timeout: float, version: str = "") -> dict[str, Any]:
         """The gateway's readiness probe of a version: a one-row inference, then :meth:`info`."""

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import nginx_or_skip
 from deepserve.client import DeepServeClient
 from deepserve.proto import inference_pb2_grpc as oip_grpc
 from faulty_models import write_model
@@ -33,8 +34,14 @@ LONG = 2e7  # ~17 s of counting: were its run not stopped, it would hold the ses
 Code = grpc.StatusCode
 
 
-@pytest.fixture(scope="module")
-def target(server, tmp_path_factory):
+@pytest.fixture(scope="module", params=["grpc", "front"])
+def target(request, server, tmp_path_factory):
+    """Without and with the admission front: behind it, the deadline travels in nginx's
+    forwarded ``grpc-timeout``. One worker behind the front, so that the calls of one connection
+    share a queue as they do without it (nginx spreads a connection's calls over the workers)."""
+    front = {"admission_front": True, "gateway_processes": 1} if request.param == "front" else {}
+    if front:
+        nginx_or_skip()
     root = tmp_path_factory.mktemp("deadline-models")
     for name in ("slow", "slow-remote"):
         write_model(root, name, "slow")
@@ -43,7 +50,7 @@ def target(server, tmp_path_factory):
     batching = {"max_batch_size": 4, "threaded": True}
     models = {"slow": {"placement": "gateway", "batching": batching},
               "slow-remote": {"placement": "deployment", "batching": batching}}
-    with second_app(APP, root, models, default_timeout_s=DEFAULT_TIMEOUT_S) as target:
+    with second_app(APP, root, models, default_timeout_s=DEFAULT_TIMEOUT_S, **front) as target:
         yield target
 
 
@@ -160,11 +167,16 @@ def test_a_generation_is_dropped_at_its_deadline(server, stream):
 
 
 def test_drops_reach_prometheus(target):
-    """``ray_deepserve_deadline_exceeded_total`` on the metrics endpoint agrees with the reports."""
+    """``ray_deepserve_deadline_exceeded_total`` on the metrics endpoint agrees with the reports:
+    the series of this application's process (its Ray ``WorkerId``), not those an earlier
+    application of the same models left there."""
     for model in ("slow", "slow-remote"):
         report = _report(model)
+        worker = gateway_status(APP)["worker_id"] if model == "slow" else report["worker_id"]
         for stage, count in report["deadline_exceeded"].items():
-            wait_for(lambda: scraped("ray_deepserve_deadline_exceeded_total", model=model, stage=stage) == count,
+            wait_for(lambda: scraped("ray_deepserve_deadline_exceeded_total", model=model, stage=stage,
+                                     WorkerId=worker) == count,
                      timeout=30, what=f"{model} {stage}: {count} on the metrics endpoint", every=0.5)
-        wait_for(lambda: scraped("ray_deepserve_terminated_runs_total", model=model) == report["terminated_runs"],
-                 timeout=30, what=f"{model}: terminated runs on the metrics endpoint", every=0.5)
+        wait_for(lambda: scraped("ray_deepserve_terminated_runs_total", model=model, WorkerId=worker)
+                 == report["terminated_runs"], timeout=30, what=f"{model}: terminated runs on the metrics endpoint",
+                 every=0.5)
