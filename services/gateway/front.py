@@ -194,7 +194,7 @@ def find_binary(name: str) -> str:
 
 
 class Front:
-    """One nginx process (a master and one worker) serving the gateway's port."""
+    """The nginx process (one: no master, see :meth:`FrontConfig.render`) serving the gateway's port."""
 
     def __init__(self, config: FrontConfig, binary: str):
         self.config = config
@@ -246,7 +246,9 @@ class Front:
             return {}
         end = data.rfind(b"\n") + 1  # a line nginx is still writing waits for the next read
         self._read += end
-        if self._read > 64 << 20:  # keep the file small: nginx appends (O_APPEND) after the cut
+        # Keep the file small: nginx appends (O_APPEND) after the cut; the few lines written
+        # between this read and the cut, once every 64 MiB of refusals, go uncounted.
+        if self._read > 64 << 20:
             os.truncate(self.refused_log, 0)
             self._read = 0
         return dict(collections.Counter(line.rsplit("/", 1)[-1] for line in data[:end].decode().splitlines()))
