@@ -99,14 +99,15 @@ bench-recommender: $(STAMP)
 overload: models
 	$(PY) loadtests/bench/overload.py --repo $(REPO)
 
-# Hostile requests to every model over both APIs (tests/fuzz), against its own service: prints
-# requests by API and category, status codes, INTERNAL/UNKNOWN (must be 0), replica restarts,
-# readiness and the gateway's memory. `make test` runs a seeded few hundred of the same.
+# Hostile requests to every model over both APIs (tests/fuzz), against its own service and
+# through the admission front: prints requests by API and category, status codes, INTERNAL/UNKNOWN
+# (must be 0), replica restarts, readiness and the gateway's memory. `make test` runs a seeded
+# few hundred of the same.
 FUZZ_REQUESTS ?= 10000
 FUZZ_SEED     ?= 0
 fuzz: models
 	DEEPSERVE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) DEEPSERVE_FUZZ_SEED=$(FUZZ_SEED) \
-		$(PY) -m pytest tests/fuzz/test_fuzz.py -m fuzz -p no:cacheprovider
+		$(PY) -m pytest tests/fuzz/test_fuzz.py tests/fuzz/test_fuzz_front.py -m fuzz -p no:cacheprovider
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
