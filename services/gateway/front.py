@@ -27,7 +27,6 @@ import collections
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -119,7 +118,7 @@ class FrontConfig:
                 "        location / { default_type application/grpc; add_header grpc-status 12 always; "
                 "add_header grpc-message \"only grpc.health.v1 is served on this port\" always; return 204; }\n"
                 "    }\n")
-        # One process, no master: it dies with the replica (PR_SET_PDEATHSIG, set before exec),
+        # One process, no master: it dies with the replica (PR_SET_PDEATHSIG, see _launcher),
         # which a master's workers would not (they outlive a killed master, holding the port).
         # It runs as the replica's user, who owns the workers' sockets.
         return (
@@ -220,8 +219,8 @@ class Front:
     async def start(self, timeout: float = START_S) -> None:
         """Start nginx and wait until the port takes connections; raises with nginx's reason
         (a port held by another process, most often) if it exits first."""
-        self.process = subprocess.Popen([self.binary, "-c", str(self.path)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen([*_launcher(), self.binary, "-c", str(self.path)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -270,17 +269,21 @@ class Front:
                 self.kill()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel kills it when the replica dies, however it dies;
-    and, where allowed (root), it runs ahead of the workers (nice -5): a refusal must stay fast
-    while they keep every core busy."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    try:
-        os.nice(-5)
-    except OSError:
-        pass
+def _launcher() -> list[str]:
+    """What nginx is started through (each execs the next, keeping the process): ``setpriv
+    --pdeathsig KILL``, so that the kernel kills it when the replica dies, however it dies; and,
+    where allowed (root), ``nice -n -5``, so that it runs ahead of the workers: a refusal must
+    stay fast while they keep every core busy. (Not a ``preexec_fn``: forking a process whose
+    gRPC threads are running, to run Python in the child, can deadlock.)"""
+    launcher = []
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        launcher += [setpriv, "--pdeathsig", "KILL"]
+    else:
+        log.warning("admission front: setpriv (util-linux) not found: nginx will outlive a replica that is killed")
+    if os.geteuid() == 0 and shutil.which("nice"):
+        launcher += [shutil.which("nice"), "-n", "-5"]
+    return launcher
 
 
 def _accepts(host: str, port: int) -> bool:

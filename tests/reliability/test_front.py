@@ -2,7 +2,8 @@
 gateway's workers, in its own application: both APIs and a generation stream pass through
 it; a burst beyond its bound is refused with RESOURCE_EXHAUSTED and the retry hint, and the
 refusals are counted in Prometheus; a message over the limit is RESOURCE_EXHAUSTED (not
-nginx's HTTP 413); health has no bound and its own port; a killed front is restarted.
+nginx's HTTP 413); health has no bound and its own port; a killed front is restarted; a
+killed replica takes its front with it.
 
 TLS and tokens behind the front: tests/security/test_gateway_security.py runs every test
 against a fronted gateway too. Overload: tests/reliability/test_overload.py.
@@ -25,7 +26,7 @@ from deepserve.proto import deepserve_pb2 as v1
 from deepserve.proto import deepserve_pb2_grpc as v1_grpc
 from deepserve.proto import inference_pb2 as oip
 from deepserve.proto import inference_pb2_grpc as oip_grpc
-from second_app import gateway_status, health, samples, second_app, wait_for
+from second_app import gateway_status, health, replica_actors, samples, second_app, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -145,3 +146,34 @@ def test_a_killed_front_is_restarted_and_serves_again(front):
     with grpc.insecure_channel(target) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_front_dies_with_its_replica_and_the_new_replica_serves(front):
+    """Runs last (file order). A gateway replica killed outright (SIGKILL: no drain) takes its
+    front with it (the kernel's parent-death signal), so the port is free for the replica
+    Serve starts in its place, whose own front serves."""
+    import ray
+
+    target, _ = front
+    old = gateway_status(APP)["front"]["pid"]
+    (name, namespace), = replica_actors(APP, "Gateway")
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+    wait_for(lambda: not _alive(old), timeout=30, what="the old front gone with its replica")
+
+    def serves() -> bool:
+        with grpc.insecure_channel(target, options=NO_RETRIES) as channel:
+            try:
+                return len(_infer(channel, 1).outputs) > 0
+            except grpc.RpcError:
+                return False
+
+    wait_for(serves, timeout=120, what="a score through the new replica's front", every=0.5)
+    assert gateway_status(APP)["front"]["pid"] != old
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not open(f"/proc/{pid}/stat").read().split()[2] == "Z"  # a zombie is gone too
