@@ -126,10 +126,13 @@ class FrontConfig:
             "master_process off;\n"
             f"pid {self.workdir}/front.pid;\n"
             "error_log stderr warn;\n"
-            "events { worker_connections 16384; }\n"
+            "events { worker_connections 8192; }\n"
             "http {\n"
             "    access_log off;\n"
-            f"    client_body_temp_path {self.workdir}/front-body;\n"
+            # Its files in the replica's directory: nginx may run as a user that cannot write
+            # the package's own (/var/lib/nginx).
+            + "".join(f"    {kind}_temp_path {self.workdir}/front-{kind};\n"
+                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")) +
             "    log_format refusal '$uri';\n"
             "    limit_conn_status 429;\n"
             "    limit_conn_log_level info;\n"
@@ -219,6 +222,7 @@ class Front:
     async def start(self, timeout: float = START_S) -> None:
         """Start nginx and wait until the port takes connections; raises with nginx's reason
         (a port held by another process, most often) if it exits first."""
+        _raise_open_files(2 * 8192)  # a client and an upstream connection per call; nginx inherits it
         self.process = subprocess.Popen([*_launcher(), self.binary, "-c", str(self.path)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout
@@ -267,6 +271,16 @@ class Front:
                 self.process.wait(2.0)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Raise this process's soft limit on open files towards ``wanted`` (within the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _launcher() -> list[str]:
