@@ -46,7 +46,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "recommend": ("/deepserve.v1.Recommender/",),
 }
 UNBOUNDED = ("/grpc.health.v1.Health/",)
-PUSHBACK_MS = 50  # the retry hint of a refusal: the same as the workers' own (services/errors.py)
+PUSHBACK_MS = 50  # the retry hint of a refusal: the workers' shortest (Admission.retry_after_s: 50 ms to 1 s)
+REFUSED_LOG = "front-refused.log"  # in the workdir: one line (the gRPC path) per refusal, read by Front.refusals
 START_S = 10.0
 
 
@@ -99,7 +100,7 @@ class FrontConfig:
         unbounded = "".join(f"        location {path} {{ grpc_pass grpc://workers; }}\n" for path in UNBOUNDED)
         errors = _status_location("overloaded", 8, "the gateway is at its bound of calls in flight "
                                   "(admission_front); retry after the hinted delay", PUSHBACK_MS,
-                                  f"access_log {self.workdir}/front-refused.log refusal buffer=64k flush=1s;")
+                                  f"access_log {self.workdir}/{REFUSED_LOG} refusal buffer=64k flush=1s;")
         errors += _status_location("too_large", 8, f"the message is larger than the server's limit of "
                                    f"{self.max_message_bytes} bytes (max_message_bytes)")
         errors += _status_location("unavailable", 14, "no gateway worker answered; retry shortly")
@@ -203,7 +204,7 @@ class Front:
         self.binary = binary
         self.path = Path(config.workdir) / "front.conf"
         self.path.write_text(config.render())
-        self.refused_log = Path(config.workdir) / "front-refused.log"
+        self.refused_log = Path(config.workdir) / REFUSED_LOG
         self._read = 0  # bytes of the refusal log already counted
         self.process: subprocess.Popen | None = None
         self.restarts = 0
