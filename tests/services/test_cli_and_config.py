@@ -124,3 +124,13 @@ def test_a_pinned_digest_refuses_a_swapped_model(repository):
     assert build_app({**pinned, "models": {"fraud-autoencoder": {"sha256": {version: actual}}}})
     with pytest.raises(ModelIntegrityError, match=f"version {version} is not pinned in the Serve config"):
         build_app({**pinned, "models": {"fraud-autoencoder": {"sha256": {str(int(version) + 1): actual}}}})
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(repository):
+    """`deepserve models | head -1`: the reader leaves early; no traceback, the shell's status."""
+    listing = subprocess.Popen([sys.executable, "-m", "deepserve.cli", "models", "--repo", str(repository.root)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    listing.stdout.close()  # the reader is gone before the first line
+    _, err = listing.communicate(timeout=60)
+    assert listing.returncode == 141, err.decode()[-2000:]
+    assert err == b""
