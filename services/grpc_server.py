@@ -483,38 +483,38 @@ class GrpcServer:
             names = (*SERVICE_NAMES, "grpc.health.v1.Health", grpc_reflection.SERVICE_NAME)
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
                 grpc_reflection.aio.ReflectionServicer(names, pool=_reflection_pool()), registry)
-        if unix_socket is not None:
+        if unix_socket is not None:  # behind the front: TLS, if any, ends there
             self.address = f"unix:{unix_socket}"
-            if self.server.add_insecure_port(self.address) == 0:
-                raise RuntimeError(f"cannot listen on {self.address}")
+            self._listen(self.server, self.address, None, "grpc_port")
             self.port = 0
         else:
             self.address = f"{host}:{port}"
-            self.port = self._bind(self.server, host, port, self.security.credentials, "grpc_port")
+            self.port = self._listen(self.server, self.address, self.security.credentials, "grpc_port")
         self.health_server = None
         if health_port is not None or health_unix_socket is not None:  # health alone, open: nothing else
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, TolerantRegistry(self.health_server))
-            if health_unix_socket is not None:
-                if self.health_server.add_insecure_port(f"unix:{health_unix_socket}") == 0:
-                    raise RuntimeError(f"cannot listen on unix:{health_unix_socket}")
-                self.health_port = 0
-            else:
-                self.health_port = self._bind(self.health_server, host, health_port, None, "health_port")
+            on_unix = health_unix_socket is not None
+            bound = self._listen(self.health_server, f"unix:{health_unix_socket}" if on_unix
+                                 else f"{host}:{health_port}", None, "health_port")
+            self.health_port = 0 if on_unix else bound
 
     @staticmethod
-    def _bind(server, host: str, port: int, credentials, setting: str) -> int:
-        address = f"{host}:{port}"
+    def _listen(server, address: str, credentials, setting: str) -> int:
+        """Bind ``server`` to ``address`` (``host:port`` or ``unix:path``); the port it got."""
         try:  # grpcio raises on a failed bind; older releases returned 0
             bound = (server.add_secure_port(address, credentials) if credentials is not None
                      else server.add_insecure_port(address))
         except RuntimeError:
             bound = 0
-        if bound == 0:
-            raise RuntimeError(f"cannot listen on gRPC port {port} ({address}; {setting}, "
-                               f"DEEPSERVE_{setting.upper()}): another process holds it, or the host is not "
-                               "an address of this machine. Stop that process or choose another port.")
-        return bound
+        if bound != 0:
+            return bound
+        if address.startswith("unix:"):
+            raise RuntimeError(f"cannot listen on {address}: its directory is missing or not writable")
+        port = address.rsplit(":", 1)[1]
+        raise RuntimeError(f"cannot listen on gRPC port {port} ({address}; {setting}, "
+                           f"DEEPSERVE_{setting.upper()}): another process holds it, or the host is not "
+                           "an address of this machine. Stop that process or choose another port.")
 
     async def start(self) -> None:
         await self.server.start()

@@ -98,14 +98,14 @@ class FrontConfig:
             "            grpc_pass grpc://workers;\n"
             "        }\n" for group, paths in GROUPS.items() for path in paths)
         unbounded = "".join(f"        location {path} {{ grpc_pass grpc://workers; }}\n" for path in UNBOUNDED)
-        errors = _status_location("overloaded", 8, "the gateway is at its bound of calls in flight "
+        errors = _status_location("@overloaded", 8, "the gateway is at its bound of calls in flight "
                                   "(admission_front); retry after the hinted delay", PUSHBACK_MS,
                                   f"access_log {self.workdir}/{REFUSED_LOG} refusal buffer=64k flush=1s;")
-        errors += _status_location("too_large", 8, f"the message is larger than the server's limit of "
+        errors += _status_location("@too_large", 8, f"the message is larger than the server's limit of "
                                    f"{self.max_message_bytes} bytes (max_message_bytes)")
-        errors += _status_location("unavailable", 14, "no gateway worker answered; retry shortly")
-        errors += _status_location("no_certificate", 16, "mutual TLS: the client sent no valid certificate")
-        errors += _status_location("bad_request", 3, "the admission front refused a malformed request "
+        errors += _status_location("@unavailable", 14, "no gateway worker answered; retry shortly")
+        errors += _status_location("@no_certificate", 16, "mutual TLS: the client sent no valid certificate")
+        errors += _status_location("@bad_request", 3, "the admission front refused a malformed request "
                                    "(such as a repeated authorization header)")
         health = ""
         if self.health_port is not None:
@@ -116,8 +116,7 @@ class FrontConfig:
                 "    server {\n"
                 f"        listen {_listen(self.host, self.health_port)} http2;\n"
                 + "".join(f"        location {path} {{ grpc_pass grpc://health; }}\n" for path in UNBOUNDED) +
-                "        location / { default_type application/grpc; add_header grpc-status 12 always; "
-                "add_header grpc-message \"only grpc.health.v1 is served on this port\" always; return 204; }\n"
+                _status_location("/", 12, "only grpc.health.v1 is served on this port") +
                 "    }\n")
         # One process, no master: it dies with the replica (PR_SET_PDEATHSIG, see _launcher),
         # which a master's workers would not (they outlive a killed master, holding the port).
@@ -174,10 +173,12 @@ def _listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _status_location(name: str, code: int, message: str, pushback_ms: int | None = None, extra: str = "") -> str:
-    """A named location answering a gRPC status in headers alone (a trailers-only response)."""
+def _status_location(location: str, code: int, message: str, pushback_ms: int | None = None,
+                     extra: str = "") -> str:
+    """A location (``@name`` for an error page, or a path) answering a gRPC status in headers
+    alone (a trailers-only response)."""
     hint = f"            add_header grpc-retry-pushback-ms {pushback_ms} always;\n" if pushback_ms else ""
-    return (f"        location @{name} {{\n"
+    return (f"        location {location} {{\n"
             + (f"            {extra}\n" if extra else "") +
             "            default_type application/grpc;\n"
             f"            add_header grpc-status {code} always;\n"
