@@ -389,7 +389,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--name", help="model name for a --data build (default fraud-autoencoder)")
     b.add_argument("--fpr", type=float, default=0.01, help="false-positive rate the threshold is calibrated to")
     b.add_argument("--edges", type=Path, metavar="PATH",
-                   help="edge-list CSV for graph-recommender (bring your own graph)")
+                   help="edge-list CSV (src,dst) or graph-tool .gt/.gt.gz file for graph-recommender "
+                        "(bring your own graph)")
     b.add_argument("--node-features", type=Path, metavar="PATH",
                    help="node-feature CSV (id, then numeric columns) to go with --edges")
     b.add_argument("--repo", type=Path, default=default_root(), help="model repository directory")

@@ -6,7 +6,8 @@ and the split a model is trained and evaluated on.
   that are a noisy signal of the community; ``triadic_closure`` grows a share of the edges
   by closing triangles (friends of friends become friends), the clustering real social
   graphs have and a block model lacks.
-- :func:`load_edge_list`: an edge-list CSV (``src,dst``) and an optional node-feature CSV.
+- :func:`load_edge_list`: an edge-list CSV (``src,dst``) or a graph-tool ``.gt`` file (as in
+  Debian's ``python3-graph-tool`` collection of real networks), and an optional node-feature CSV.
 
 :func:`split_graph` holds out test edges among training users and whole "cold" users;
 :func:`rebuild_from_manifest` rebuilds the graph and split a model was evaluated on.
@@ -16,7 +17,9 @@ Numpy only (no torch): the serving runtime uses :func:`csr`.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,13 +268,88 @@ def _user_id(value: str, path: Path, line: int) -> int:
     return uid
 
 
+GT_MAGIC = b"\xe2\x9b\xbe gt"  # "⛾ gt": graph-tool's binary format
+
+
+def _read_graph_tool(path: Path) -> np.ndarray:
+    """The edges of a graph-tool binary file (``.gt``, or gzipped ``.gt.gz``) as an (E, 2)
+    array over vertex indices.
+
+    The format (graph-tool's documentation, "The gt file format"): the magic, a version byte,
+    an endianness byte, a length-prefixed comment, a directed flag, the vertex count N (u64),
+    then each vertex's out-neighbours: a u64 count and that many indices in the narrowest
+    unsigned width that holds N. Property maps follow; they are not read (the collection's
+    vertex positions, say, are a layout drawn from every edge, held-out ones included).
+    Directed edges count as undirected ones.
+
+    Raises:
+        ValueError: not a graph-tool file, or one that ends early.
+    """
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path}: cannot decompress ({exc})") from None
+    if raw[:6] != GT_MAGIC or len(raw) < 8 or raw[7] > 1:
+        raise ValueError(f"{path}: not a graph-tool binary file")
+    order = ">" if raw[7] else "<"
+    u64 = np.dtype(order + "u8")
+
+    def number(at: int) -> int:
+        if at + 8 > len(raw):
+            raise ValueError(f"{path}: the file ends inside its header or adjacency lists")
+        return int(np.frombuffer(raw, u64, 1, at)[0])
+
+    at = 16 + number(8)  # past the comment
+    n = number(at + 1)  # after the directed flag
+    at += 9
+    width = next(w for w, top in ((1, 1 << 8), (2, 1 << 16), (4, 1 << 32), (8, None)) if top is None or n < top)
+    index = np.dtype(order + f"u{width}")
+    if n > (len(raw) - at) // 8:  # each vertex needs at least its count
+        raise ValueError(f"{path}: {n} vertices cannot fit in a file of {len(raw)} bytes")
+    sources, targets = [], []
+    for v in range(n):
+        k = number(at)
+        at += 8
+        if k > (len(raw) - at) // width:
+            raise ValueError(f"{path}: vertex {v}'s neighbour list runs past the end of the file")
+        targets.append(np.frombuffer(raw, index, k, at).astype(np.int64))
+        sources.append(np.full(k, v, np.int64))
+        at += k * width
+    src, dst = (np.concatenate(a) if a else np.empty(0, np.int64) for a in (sources, targets))
+    if len(dst) and dst.max() >= n:
+        raise ValueError(f"{path}: a neighbour index is out of range (N = {n})")
+    return np.stack([src, dst], axis=1)
+
+
+def _edge_pairs(edges: Path) -> tuple[np.ndarray, str]:
+    """(E, 2) user-id pairs from an edge-list CSV or a graph-tool file, and what the file is."""
+    with open(edges, "rb") as f:
+        head = f.read(6)
+    if head == GT_MAGIC or head[:2] == b"\x1f\x8b":
+        return _read_graph_tool(edges), f"graph-tool file {edges}"
+    header, rows = _read_rows(edges, "edge-list")
+    if "src" not in header or "dst" not in header:
+        raise ValueError(f"{edges}: the header must name the columns src,dst (got {header})")
+    i, j = header.index("src"), header.index("dst")
+    pairs = np.empty((len(rows), 2), np.int64)
+    for r, (line, row) in enumerate(rows):
+        if len(row) <= max(i, j):
+            raise ValueError(f"{edges}, line {line}: expected a src and a dst value, got {row}")
+        pairs[r] = (_user_id(row[i], edges, line), _user_id(row[j], edges, line))
+    return pairs, f"Edge list {edges}"
+
+
 def load_edge_list(edges: Path, features: Path | None = None) -> Graph:
-    """Load a graph from an edge-list CSV and an optional node-feature CSV.
+    """Load a graph from an edge list and an optional node-feature CSV.
 
     Args:
         edges: a CSV with a header naming the columns ``src`` and ``dst`` (other columns
             are ignored); each row is an undirected edge between two non-negative integer
-            user ids. Self loops and repeated edges (in either direction) are dropped.
+            user ids. Or a graph-tool binary file (``.gt``, ``.gt.gz``), its vertex indices
+            being the user ids (:func:`_read_graph_tool`). Self loops and repeated edges (in
+            either direction) are dropped.
         features: a CSV whose first column is ``id``, then one or more numeric feature
             columns. Users of the edge list without a row get zeros; rows for ids absent
             from the edge list are ignored.
@@ -284,15 +362,7 @@ def load_edge_list(edges: Path, features: Path | None = None) -> Graph:
         ValueError: a missing column, a non-integer or negative id, a non-numeric or
             non-finite feature, a repeated feature row, or no edge left.
     """
-    header, rows = _read_rows(edges, "edge-list")
-    if "src" not in header or "dst" not in header:
-        raise ValueError(f"{edges}: the header must name the columns src,dst (got {header})")
-    i, j = header.index("src"), header.index("dst")
-    pairs = np.empty((len(rows), 2), np.int64)
-    for r, (line, row) in enumerate(rows):
-        if len(row) <= max(i, j):
-            raise ValueError(f"{edges}, line {line}: expected a src and a dst value, got {row}")
-        pairs[r] = (_user_id(row[i], edges, line), _user_id(row[j], edges, line))
+    pairs, what = _edge_pairs(edges)
     ids = np.unique(pairs)
     local = np.searchsorted(ids, pairs)  # (E, 2) in 0..N-1
     graph_edges = _canonical(local[:, 0], local[:, 1], len(ids))
@@ -332,7 +402,7 @@ def load_edge_list(edges: Path, features: Path | None = None) -> Graph:
                 x[pos] = values
                 matched += 1
     description = (
-        f"Edge list {edges} ({n} users, {len(graph_edges)} undirected edges after dropping "
+        f"{what} ({n} users, {len(graph_edges)} undirected edges after dropping "
         f"loops and repeats" + (f", ids mapped from {ids[0]}..{ids[-1]}" if node_ids is not None
                                  else "")
         + (f"); features from {features} ({len(names)} columns, {matched} of {n} users have a "
