@@ -292,7 +292,7 @@ def _read_graph_tool(path: Path) -> np.ndarray:
         except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"{path}: cannot decompress ({exc})") from None
     if raw[:6] != GT_MAGIC or len(raw) < 8 or raw[7] > 1:
-        raise ValueError(f"{path}: not a graph-tool binary file")
+        raise ValueError(f"{path}: not a graph-tool binary file (an edge-list CSV must not be compressed)")
     order = ">" if raw[7] else "<"
     u64 = np.dtype(order + "u8")
 
@@ -325,8 +325,11 @@ def _read_graph_tool(path: Path) -> np.ndarray:
 
 def _edge_pairs(edges: Path) -> tuple[np.ndarray, str]:
     """(E, 2) user-id pairs from an edge-list CSV or a graph-tool file, and what the file is."""
-    with open(edges, "rb") as f:
-        head = f.read(6)
+    try:
+        with open(edges, "rb") as f:
+            head = f.read(6)
+    except OSError as exc:
+        raise ValueError(f"{edges}: cannot read the edge list ({exc.strerror or exc})") from None
     if head == GT_MAGIC or head[:2] == b"\x1f\x8b":
         return _read_graph_tool(edges), f"graph-tool file {edges}"
     header, rows = _read_rows(edges, "edge-list")

@@ -79,6 +79,15 @@ def test_a_broken_graph_tool_file_is_a_clear_error(tmp_path, mangle, message):
     assert str(path) in str(info.value)
 
 
+def test_a_missing_or_compressed_csv_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="missing.csv: cannot read the edge list"):
+        graph.load_edge_list(tmp_path / "missing.csv")
+    packed = tmp_path / "edges.csv.gz"
+    packed.write_bytes(gzip.compress(b"src,dst\n1,2\n"))
+    with pytest.raises(ValueError, match="not a graph-tool binary file .an edge-list CSV must not be compressed"):
+        graph.load_edge_list(packed)
+
+
 def test_an_index_out_of_range_is_refused(tmp_path):
     path = tmp_path / "range.gt"
     path.write_bytes(_gt_bytes(3, [[7], [], []]))
