@@ -122,6 +122,24 @@ def _two_hop_baseline(weight: np.ndarray, num_nodes: int, train_edges: np.ndarra
     return np.concatenate(out) if out else np.empty((0, k), np.int64)
 
 
+def two_hop_ceiling(num_nodes: int, train_edges: np.ndarray, query_neighbors: list[np.ndarray],
+                    targets: list[np.ndarray], k: int = EVAL_K) -> float:
+    """Recall@k of an oracle that ranks first every target sharing a neighbour with the query
+    (a training user's own neighbours, or a new user's known ones): no ranking of the 2-hop
+    walk, where the heuristics' candidates come from, does better. How much room is left."""
+    from scipy import sparse
+
+    src = np.concatenate([train_edges[:, 0], train_edges[:, 1]])
+    dst = np.concatenate([train_edges[:, 1], train_edges[:, 0]])
+    adjacency = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(num_nodes, num_nodes))
+    values = []
+    for s, t in zip(query_neighbors, targets):
+        reached = np.zeros(num_nodes, bool)
+        reached[adjacency[s].indices] = True  # the neighbours' neighbours
+        values.append(min(int(reached[t].sum()), k) / min(k, len(t)))
+    return float(np.mean(values)) if values else 0.0
+
+
 def evaluate(runtime, graph: Graph, split: GraphSplit, k: int = EVAL_K, max_queries: int | None = None,
              seed: int = 0) -> dict:
     """Recall@k and NDCG@k of the served model and the heuristics, warm and cold.
@@ -175,7 +193,9 @@ def evaluate(runtime, graph: Graph, split: GraphSplit, k: int = EVAL_K, max_quer
             metrics[f"{part}recall_ratio_to_{method}"] = r / max(metrics[f"{part}{method}_recall_at_{k}"], 1e-12)
         best = max(metrics[f"{part}{m}_recall_at_{k}"] for m in ("common_neighbours", "adamic_adar"))
         metrics[f"{part}recall_ratio_to_best_heuristic"] = r / max(best, 1e-12)
+    metrics[f"two_hop_ceiling_recall_at_{k}"] = two_hop_ceiling(n, split.train_edges, warm_neighbours, targets, k)
     if len(c_users):
+        metrics[f"cold_two_hop_ceiling_recall_at_{k}"] = two_hop_ceiling(n, split.train_edges, c_known, c_targets, k)
         metrics["cold_to_warm_recall_ratio"] = metrics[f"cold_recall_at_{k}"] / max(metrics[f"recall_at_{k}"], 1e-12)
     metrics["eval_warm_users"] = int(len(users))
     metrics["eval_warm_targets"] = int(sum(len(t) for t in targets))

@@ -422,7 +422,12 @@ def _write_card(directory: Path, manifest: Manifest, fitted: Fitted) -> None:
         f"Warm: {m['eval_warm_users']} training users with a test edge; each ranks all users but "
         f"itself and its training neighbours. Cold: {m.get('eval_cold_users', 0)} new users, each "
         f"sent as `user = -1` with its known neighbours, which are excluded from its ranking. "
-        f"recall@{k} = hits in the top {k} / min({k}, number of targets), averaged over users.\n\n"
+        f"recall@{k} = hits in the top {k} / min({k}, number of targets), averaged over users. "
+        f"The room left: an oracle ranking first every target that shares a neighbour with the "
+        f"query reaches {m[f'two_hop_ceiling_recall_at_{k}']:.4f} warm"
+        + (f" and {m[f'cold_two_hop_ceiling_recall_at_{k}']:.4f} cold"
+           if f"cold_two_hop_ceiling_recall_at_{k}" in m else "")
+        + "; no ranking of the 2-hop walk does better.\n\n"
         + community +
         "![embeddings and recall](card.png)\n\n"
         "## How it works\n\n"

@@ -117,6 +117,12 @@ def test_heuristics_and_metrics_on_a_hand_checked_graph():
     assert graph.recall_at_k(np.array([[3, 4, 0]]), [np.array([4, 9])], k=2) == 0.5
     assert graph.ndcg_at_k(np.array([[3, 4]]), [np.array([3])], k=2) == 1.0
     assert graph.ndcg_at_k(np.array([[4, 3]]), [np.array([3])], k=2) == pytest.approx(1 / np.log2(3))
+    # The ceiling: from 0 (neighbours 1, 2) user 3 is two hops away, 4 is three; user 4
+    # (neighbour 3) reaches 1 and 2. Held-out targets 3 and 4 for 0: one of two reachable.
+    ceiling = graph.evaluation.two_hop_ceiling
+    assert ceiling(5, edges, [np.array([1, 2])], [np.array([3, 4])], k=10) == 0.5
+    assert ceiling(5, edges, [np.array([1, 2])], [np.array([3, 4])], k=1) == 1.0  # one hit fills k = 1
+    assert ceiling(5, edges, [np.array([1, 2]), np.array([3])], [np.array([4]), np.array([1, 2])]) == 0.5
 
 
 # ---------------------------------------------------------------------------- the served model

@@ -122,6 +122,9 @@ def test_real_coauthorship_graph_through_the_served_model(tmp_path):
         assert m[f"{part}recall_at_10"] >= 10 * m[f"{part}popularity_recall_at_10"], part
         assert m[f"{part}recall_ratio_to_best_heuristic"] >= 0.97, part
         assert m[f"{part}recall_at_10"] > 0.6, part  # measured 0.656 warm, 0.641 cold
+        # Why 1.2x the best heuristic is out of reach here: even an oracle ranking first every
+        # target within two hops stays below it (measured 1.10x warm).
+        assert m[f"{part}two_hop_ceiling_recall_at_10"] < 1.2 * m[f"{part}adamic_adar_recall_at_10"], part
     rebuilt, split = graph.rebuild_from_manifest(data)  # the manifest names the file and its digest
     assert rebuilt.num_nodes == 7610 and len(split.test_edges) == data["test_edges"]
     np.testing.assert_array_equal(rebuilt.edges, graph.load_edge_list(path).edges)
