@@ -105,13 +105,20 @@ def common_neighbours_baseline(num_nodes: int, train_edges: np.ndarray, query_ne
     return _two_hop_baseline(np.ones(num_nodes), num_nodes, train_edges, query_neighbors, exclude, k)
 
 
-def _two_hop_baseline(weight: np.ndarray, num_nodes: int, train_edges: np.ndarray,
-                      query_neighbors: list[np.ndarray], exclude: list[np.ndarray], k: int) -> np.ndarray:
+def _adjacency(num_nodes: int, train_edges: np.ndarray):
+    """The training graph as a symmetric scipy CSR matrix of ones."""
     from scipy import sparse
 
     src = np.concatenate([train_edges[:, 0], train_edges[:, 1]])
     dst = np.concatenate([train_edges[:, 1], train_edges[:, 0]])
-    adjacency = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(num_nodes, num_nodes))
+    return sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(num_nodes, num_nodes))
+
+
+def _two_hop_baseline(weight: np.ndarray, num_nodes: int, train_edges: np.ndarray,
+                      query_neighbors: list[np.ndarray], exclude: list[np.ndarray], k: int) -> np.ndarray:
+    from scipy import sparse
+
+    adjacency = _adjacency(num_nodes, train_edges)
     out, chunk = [], _rows_per_chunk(num_nodes)
     for lo in range(0, len(query_neighbors), chunk):
         part = query_neighbors[lo : lo + chunk]
@@ -127,11 +134,7 @@ def two_hop_ceiling(num_nodes: int, train_edges: np.ndarray, query_neighbors: li
     """Recall@k of an oracle that ranks first every target sharing a neighbour with the query
     (a training user's own neighbours, or a new user's known ones): no ranking of the 2-hop
     walk, where the heuristics' candidates come from, does better. How much room is left."""
-    from scipy import sparse
-
-    src = np.concatenate([train_edges[:, 0], train_edges[:, 1]])
-    dst = np.concatenate([train_edges[:, 1], train_edges[:, 0]])
-    adjacency = sparse.csr_matrix((np.ones(len(src)), (src, dst)), shape=(num_nodes, num_nodes))
+    adjacency = _adjacency(num_nodes, train_edges)
     values = []
     for s, t in zip(query_neighbors, targets):
         reached = np.zeros(num_nodes, bool)
