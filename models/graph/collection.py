@@ -16,7 +16,6 @@ held-out ones included, and would leak them as features.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from deepserve.models.graph.data import sha256_of
 
 PACKAGE = "python3-graph-tool"
 INSIDE = "usr/lib/python3/dist-packages/graph_tool/collection"
@@ -65,14 +66,10 @@ def path_of(name: str, directory: Path | None = None) -> Path:
     path = (directory or default_directory()) / f"{name}.gt.gz"
     if not path.is_file():
         raise ValueError(f"{path} is missing: run `make graph-collection` (fetches Debian's {PACKAGE})")
-    if _sha256(path) != GRAPHS[name].sha256:
+    if sha256_of(path) != GRAPHS[name].sha256:
         raise ValueError(f"{path}: sha256 differs from the file Debian ships; delete it and run "
                          "`make graph-collection`")
     return path
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _download(into: Path) -> Path:
@@ -111,7 +108,7 @@ def fetch(directory: Path, names: list[str]) -> None:
                 part = Path(tmp) / f"{name}.gt.gz"
                 if not part.is_file():
                     raise RuntimeError(f"{deb.name} has no {INSIDE}/{name}.gt.gz")
-                if _sha256(part) != GRAPHS[name].sha256:
+                if sha256_of(part) != GRAPHS[name].sha256:
                     raise RuntimeError(f"{name}.gt.gz in {deb.name} differs from the file this project "
                                        "pinned (a new Debian revision?): check it and update GRAPHS")
                 os.replace(part, directory / f"{name}.gt.gz")

@@ -26,17 +26,13 @@ def _gt_bytes(n: int, adjacency: list[list[int]], directed: bool = False, big_en
     width = width or next(w for w, top in ((1, 1 << 8), (2, 1 << 16), (4, 1 << 32)) if n < top)
     code = {1: "B", 2: "H", 4: "I", 8: "Q"}[width]
     comment = b"written by the test"
-    out = [collection_magic(), bytes([1, int(big_endian)]), struct.pack(order + "Q", len(comment)), comment,
+    out = ["⛾ gt".encode(), bytes([1, int(big_endian)]), struct.pack(order + "Q", len(comment)), comment,
            bytes([int(directed)]), struct.pack(order + "Q", n)]
     for neighbours in adjacency:
         out.append(struct.pack(order + "Q", len(neighbours)))
         out.append(struct.pack(order + code * len(neighbours), *neighbours))
     out.append(struct.pack(order + "Q", 0))  # no property maps
     return b"".join(out)
-
-
-def collection_magic() -> bytes:
-    return "⛾ gt".encode()
 
 
 @pytest.mark.parametrize("big_endian", [False, True])
